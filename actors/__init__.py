@@ -1,0 +1,1 @@
+"""The service's actors: one module each, talking over bounded trio channels."""

@@ -1,0 +1,36 @@
+"""The acknowledger actor: forwarded deliveries in, acks to JetStream out, in batches."""
+
+from __future__ import annotations
+
+import trio
+
+from pipeline.nats_bridge import Delivery, JetStream
+
+# Most acks sent in one bridge crossing.
+MAX_BATCH = 1024
+
+
+class Acknowledger:
+    """Acknowledges deliveries whose event reached every endpoint.
+
+    In: ``Delivery`` from every forwarder (each holds a clone of the send end).
+    Out: acks to JetStream, all that are waiting in one bridge crossing. Returns
+    when every forwarder has closed its end and the last acks are handed to
+    NATS, which the supervisor then drains. Back-pressure: the bounded inbox.
+    """
+
+    def __init__(self, jetstream: JetStream, deliveries: trio.MemoryReceiveChannel[Delivery]) -> None:
+        self._jetstream = jetstream
+        self._deliveries = deliveries
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        with self._deliveries:
+            async for first in self._deliveries:
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._deliveries.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._jetstream.ack_batch(batch)

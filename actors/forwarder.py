@@ -1,0 +1,149 @@
+"""The forwarder actor: one domain's deliveries in, POSTs to all its endpoints, acks out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import httpx
+import structlog
+import trio
+from trio_util import AsyncValue
+
+from pipeline.config import ForwardingConfig
+from pipeline.events import describe
+from pipeline.nats_bridge import Delivery
+from pipeline.routes import Routes
+
+log = structlog.get_logger(component="forwarder")
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointResult:
+    endpoint: str
+    error: str | None  # None: answered 2xx
+
+
+class Forwarder:
+    """Forwards one domain's events to every endpoint of its route, at once.
+
+    In: ``Delivery`` of this domain, from the subscriber, which never sends more
+    than the ``room`` semaphore allows; each delivery's slot is released when
+    its forwarding ends. Out: the deliveries that every endpoint answered 2xx,
+    to the acknowledger. Any other outcome is left unacked, so JetStream
+    redelivers it after ack_wait, up to max_deliveries: there is no retry loop
+    here. Endpoints are read from the routes at each attempt, so a redelivery
+    goes to the endpoints configured now. Returns when the inbox is closed and
+    in-flight forwards have finished (or the grace period ran out); closes its
+    acks channel then.
+    """
+
+    def __init__(
+        self,
+        domain: str,
+        deliveries: trio.MemoryReceiveChannel[Delivery],
+        acks: trio.MemorySendChannel[Delivery],
+        room: trio.Semaphore,
+        routes: AsyncValue[Routes],
+        config: ForwardingConfig,
+        *,
+        max_deliveries: int,
+        grace_seconds: float,
+    ) -> None:
+        self.domain = domain
+        self._deliveries = deliveries
+        self._acks = acks
+        self._room = room
+        self._routes = routes
+        self._config = config
+        self._max_deliveries = max_deliveries
+        self._grace_seconds = grace_seconds
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # A client per domain: its own connection pool, so a hanging backend of
+        # one domain can never hold connections another domain needs. The room
+        # semaphore bounds concurrency; httpx's own timeout bounds each request
+        # (cancelling httpx from outside leaks pool slots: httpcore #1093).
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=self._config.max_in_flight_per_domain)
+        async with httpx.AsyncClient(timeout=self._config.timeout_seconds, limits=limits) as client:
+            with self._acks, self._deliveries:
+                async with trio.open_nursery() as nursery:
+                    task_status.started()
+                    async for delivery in self._deliveries:
+                        nursery.start_soon(self._forward, client, delivery)
+                    nursery.cancel_scope.deadline = trio.current_time() + self._grace_seconds
+
+    async def _forward(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
+        try:
+            await self._forward_to_all(client, delivery)
+        finally:
+            self._room.release()
+
+    async def _forward_to_all(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
+        try:
+            event = json.loads(delivery.data)
+            if not isinstance(event, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:
+            # Not ours (published to the subject by something else): it can
+            # never be forwarded, so ack it away instead of retrying it.
+            log.error(
+                "Dropping unreadable message",
+                domain=self.domain,
+                error=str(error),
+                stream_sequence=delivery.stream_sequence,
+            )
+            await self._acks.send(delivery)
+            return
+        fields = describe(event) | {"delivery_attempt": delivery.delivery_attempt}
+        endpoints = self._routes.value.get(self.domain)
+        if not endpoints:
+            log.warning("Route removed; leaving event for redelivery", **fields)
+            return
+        event["delivery_attempt"] = delivery.delivery_attempt
+        body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json", "Idempotency-Key": str(event.get("event_id", ""))}
+        log.info("Forwarding event", **fields, endpoints=len(endpoints))
+
+        results: list[EndpointResult] = []
+
+        async def post(endpoint: str) -> None:
+            results.append(EndpointResult(endpoint, await _post(client, endpoint, body, headers)))
+
+        async with trio.open_nursery() as nursery:
+            for endpoint in endpoints:
+                nursery.start_soon(post, endpoint)
+
+        errors = {result.endpoint: result.error for result in results if result.error is not None}
+        if not errors:
+            await self._acks.send(delivery)
+            log.info("Event forwarded successfully", **fields, endpoints=len(endpoints))
+            return
+        will_retry = delivery.delivery_attempt < self._max_deliveries
+        log.warning(
+            "Failed to forward event",
+            **fields,
+            errors=errors,
+            max_deliveries=self._max_deliveries,
+            will_retry=will_retry,
+        )
+        if not will_retry:
+            log.error(
+                "Event given up after last delivery attempt",
+                **fields,
+                max_deliveries=self._max_deliveries,
+                errors=errors,
+            )
+
+
+async def _post(client: httpx.AsyncClient, endpoint: str, body: bytes, headers: dict[str, str]) -> str | None:
+    """POST ``body``; None when the endpoint answered 2xx, else what went wrong."""
+    try:
+        response = await client.post(endpoint, content=body, headers=headers)
+    except httpx.TimeoutException:
+        return "timeout"
+    except httpx.HTTPError as error:
+        return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    if response.is_success:
+        return None
+    return f"HTTP {response.status_code}"

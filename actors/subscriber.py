@@ -1,0 +1,115 @@
+"""The subscriber actor: one durable pull consumer and one forwarder per routed domain."""
+
+from __future__ import annotations
+
+import structlog
+import trio
+from trio_util import AsyncValue
+
+from actors.forwarder import Forwarder
+from pipeline.config import Config
+from pipeline.nats_bridge import Delivery, DomainConsumer, JetStream, NatsUnavailable
+from pipeline.routes import Routes
+
+log = structlog.get_logger(component="subscriber")
+
+# Pause before re-opening a consumer after an error, so a broken server is not hammered.
+RETRY_DELAY_SECONDS = 1.0
+
+
+class Subscriber:
+    """Feeds each routed domain's forwarder from that domain's own consumer.
+
+    In: the routes. Out: ``Delivery`` to ``forwarder[domain]``, never more than
+    the forwarder has room for (its ``room`` semaphore counts free in-flight
+    slots; a fetch asks for exactly those), so no message waits in memory while
+    its ack_wait runs out, and a domain whose backend hangs stops fetching
+    while the others go on. Runs until ``stopping`` is set: then it stops
+    fetching, closes every forwarder's inbox, waits for them to finish their
+    in-flight events, and closes its acks channel.
+    """
+
+    def __init__(
+        self,
+        jetstream: JetStream,
+        routes: AsyncValue[Routes],
+        acks: trio.MemorySendChannel[Delivery],
+        config: Config,
+        stopping: trio.Event,
+    ) -> None:
+        self._jetstream = jetstream
+        self._routes = routes
+        self._acks = acks
+        self._config = config
+        self._stopping = stopping
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self._acks:
+            async with trio.open_nursery() as nursery:
+                for domain in self._routes.value:
+                    await nursery.start(self._serve_domain, domain)
+                task_status.started()
+
+    async def _serve_domain(self, domain: str, *, task_status: trio.TaskStatus[None]) -> None:
+        max_in_flight = self._config.forwarding.max_in_flight_per_domain
+        room = trio.Semaphore(max_in_flight)
+        send, receive = trio.open_memory_channel[Delivery](max_in_flight)
+        forwarder = Forwarder(
+            domain,
+            receive,
+            self._acks.clone(),
+            room,
+            self._routes,
+            self._config.forwarding,
+            max_deliveries=self._config.nats.max_deliveries,
+            grace_seconds=self._config.server.shutdown_grace_seconds,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(forwarder.run)
+            with send:
+                async with trio.open_nursery() as fetching:
+                    fetching.start_soon(self._fetch_forever, domain, send, room)
+                    task_status.started()
+                    await self._stopping.wait()
+                    fetching.cancel_scope.cancel()
+
+    async def _fetch_forever(
+        self, domain: str, forwarder: trio.MemorySendChannel[Delivery], room: trio.Semaphore
+    ) -> None:
+        max_in_flight = self._config.forwarding.max_in_flight_per_domain
+        consumer: DomainConsumer | None = None
+        try:
+            while True:
+                try:
+                    if consumer is None:
+                        consumer = await self._jetstream.open_consumer(domain, max_in_flight)
+                        log.info("Consuming domain", domain=domain, consumer=consumer.name)
+                    await room.acquire()
+                    wanted = 1
+                    while wanted < max_in_flight:
+                        try:
+                            room.acquire_nowait()
+                        except trio.WouldBlock:
+                            break
+                        wanted += 1
+                    deliveries: list[Delivery] = []
+                    try:
+                        deliveries = await consumer.fetch(wanted)
+                    finally:
+                        for _ in range(wanted - len(deliveries)):
+                            room.release()
+                    for delivery in deliveries:
+                        # The channel holds max_in_flight and the room semaphore
+                        # admits no more, so this never blocks.
+                        forwarder.send_nowait(delivery)
+                except NatsUnavailable as error:
+                    log.warning("Consumer interrupted; re-opening", domain=domain, error=str(error))
+                    if consumer is not None:
+                        await consumer.close()
+                        consumer = None
+                    await self._jetstream.connected.wait_value(True)
+                    await trio.sleep(RETRY_DELAY_SECONDS)
+        finally:
+            if consumer is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await consumer.close()

@@ -1,0 +1,175 @@
+"""The configuration file: its pydantic models and the one function that loads it.
+
+Every user error (missing file, bad YAML, wrong type, broken rule) becomes a
+``ConfigError`` whose message is one line naming the file, the field and the
+reason, so the CLI can print it without a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.events import normalize_domain
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; ``str()`` is one line for the operator."""
+
+
+class _Section(BaseModel):
+    # A misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_size: ByteSize = ByteSize(1024 * 1024)
+    # How long in-flight HTTP requests and forwards may take to finish on SIGTERM.
+    shutdown_grace_seconds: float = Field(10.0, gt=0)
+
+
+class NatsConfig(_Section):
+    url: str = "embedded"
+    stream_name: str = Field("call-signals", pattern=r"^[A-Za-z0-9_-]+$")
+    subject_pattern: str = "call.signal.*"
+    ack_wait_seconds: float = Field(10.0, gt=0)
+    max_deliveries: int = Field(3, ge=1)
+    # Stream retention: history for /api/stream/messages, and the waiting room of
+    # unrouted domains' events. Not forever: disks fill.
+    max_age_days: float = Field(7.0, gt=0)
+    max_bytes: ByteSize = ByteSize(10 * 1024**3)
+    # Window in which a repeated event_id (a client's retry) is stored once.
+    duplicate_window_seconds: float = Field(120.0, gt=0)
+    publish_timeout_seconds: float = Field(5.0, gt=0)
+    # Embedded server only: where JetStream keeps its files, and whether it fsyncs
+    # every write ("always") or on the server's default 2-minute interval.
+    data_dir: Path = Path("data/nats")
+    sync_always: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_embedded_or_nats(cls, url: str) -> str:
+        if url == "embedded":
+            return url
+        for server in url.split(","):
+            if not server.strip().startswith(("nats://", "tls://", "ws://", "wss://")):
+                raise ValueError('must be "embedded" or nats:// URLs (comma-separated for a cluster)')
+        return url
+
+    @field_validator("subject_pattern")
+    @classmethod
+    def _one_wildcard_token(cls, pattern: str) -> str:
+        tokens = pattern.split(".")
+        if tokens.count("*") != 1 or any(not t or t == ">" or " " in t for t in tokens):
+            raise ValueError('must be dot-separated tokens with exactly one "*" for the domain, e.g. call.signal.*')
+        return pattern
+
+    @property
+    def embedded(self) -> bool:
+        return self.url == "embedded"
+
+
+class ForwardingConfig(_Section):
+    timeout_seconds: float = Field(3.0, gt=0)
+    # Events of one domain being forwarded at once; also how many the subscriber
+    # fetches for that domain, so nothing waits in memory while ack_wait runs.
+    max_in_flight_per_domain: int = Field(64, ge=1, le=10_000)
+
+
+def _http_url(url: HttpUrl) -> str:
+    return str(url)
+
+
+EndpointUrl = Annotated[HttpUrl, AfterValidator(_http_url)]
+
+
+class Route(_Section):
+    domain: str
+    endpoints: list[EndpointUrl] = Field(min_length=1)
+
+    @field_validator("domain")
+    @classmethod
+    def _valid_domain(cls, domain: str) -> str:
+        return normalize_domain(domain)
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    nats: NatsConfig = NatsConfig()
+    forwarding: ForwardingConfig = ForwardingConfig()
+    routes: tuple[Route, ...] = ()
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_domains(cls, routes: tuple[Route, ...]) -> tuple[Route, ...]:
+        seen: set[str] = set()
+        for route in routes:
+            if route.domain in seen:
+                raise ValueError(f"duplicate domain {route.domain!r}")
+            seen.add(route.domain)
+        return routes
+
+    @model_validator(mode="after")
+    def _ack_wait_exceeds_timeout(self) -> Config:
+        if self.nats.ack_wait_seconds <= self.forwarding.timeout_seconds:
+            raise ValueError(
+                f"nats.ack_wait_seconds ({self.nats.ack_wait_seconds:g}) must exceed "
+                f"forwarding.timeout_seconds ({self.forwarding.timeout_seconds:g}), "
+                "or events are redelivered while still being forwarded"
+            )
+        return self
+
+    def endpoints_by_domain(self) -> dict[str, tuple[str, ...]]:
+        return {route.domain: tuple(route.endpoints) for route in self.routes}
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate ``path``; raise ``ConfigError`` with one line per problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (server, nats, forwarding, routes)")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        lines = []
+        for problem in error.errors(include_url=False):
+            field = _field_path(problem["loc"]) or "(top level)"
+            message = problem["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: {field}: {message}")
+        raise ConfigError("\n".join(lines)) from None

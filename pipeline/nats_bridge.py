@@ -1,0 +1,313 @@
+"""The one door to asyncio: nats-py's JetStream behind a trio-facing interface.
+
+nats-py is asyncio-only; ``open_jetstream`` runs it on a trio-asyncio loop and
+every method here crosses the bridge once (about 0.3 ms), so callers pass
+batches: many publishes, many acks, one fetch of many messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+import trio
+import trio_asyncio
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from trio_asyncio import aio_as_trio
+from trio_util import AsyncBool
+
+from pipeline.config import NatsConfig
+from pipeline.events import AcceptedEvent, consumer_name, domain_subject
+
+log = structlog.get_logger(component="nats")
+
+# An idle consumer's fetch waits this long for its first message; a busy one
+# collects what else arrives within the batch window, then hands the batch on.
+IDLE_FETCH_SECONDS = 5.0
+BATCH_WINDOW_SECONDS = 0.005
+DRAIN_TIMEOUT_SECONDS = 5.0
+RECONNECT_WAIT_SECONDS = 1.0
+
+
+class NatsUnavailable(Exception):
+    """NATS cannot serve the request now (disconnected, reconnected, consumer lost)."""
+
+
+# What nats-py raises when the server is away or the consumer is gone.
+_NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class PublishReceipt:
+    sequence: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One delivery of a stored event to this service."""
+
+    data: bytes
+    delivery_attempt: int
+    stream_sequence: int
+    stored_at: datetime
+    handle: Msg  # for acknowledging; opaque outside this module
+
+
+class DomainConsumer:
+    """A domain's durable pull consumer, bound to a subscription."""
+
+    def __init__(self, js: JetStream, domain: str, subscription: JetStreamContext.PullSubscription) -> None:
+        self.domain = domain
+        self.name = consumer_name(domain)
+        self._js = js
+        self._subscription = subscription
+        self._busy = False
+        # A pull subscription does not recover by itself after a server restart
+        # (nats.py #504): after any reconnect the consumer is opened anew.
+        self._connection = js.connection_number
+
+    async def fetch(self, max_messages: int) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries, or none after a few seconds of silence.
+
+        Raises ``NatsUnavailable`` or a nats error when the consumer needs re-opening.
+        """
+        if not self._js.connected.value:
+            raise NatsUnavailable("not connected to NATS")
+        if self._connection != self._js.connection_number:
+            raise NatsUnavailable("reconnected to NATS")
+        batch, wait = (max_messages, BATCH_WINDOW_SECONDS) if self._busy else (1, IDLE_FETCH_SECONDS)
+        try:
+            messages = await aio_as_trio(self._fetch)(batch, wait)
+        except _NATS_ERRORS as error:
+            raise NatsUnavailable(f"fetch failed: {error or type(error).__name__}") from error
+        self._busy = bool(messages)
+        return [
+            Delivery(
+                data=message.data,
+                delivery_attempt=message.metadata.num_delivered,
+                stream_sequence=message.metadata.sequence.stream,
+                stored_at=message.metadata.timestamp,
+                handle=message,
+            )
+            for message in messages
+        ]
+
+    async def _fetch(self, batch: int, wait_seconds: float) -> list[Msg]:
+        try:
+            return await self._subscription.fetch(batch, timeout=wait_seconds)
+        except TimeoutError:  # nats-py raises its own subclass, or asyncio's
+            return []
+
+    async def close(self) -> None:
+        """Stop the subscription (the durable consumer stays on the server)."""
+        try:
+            await aio_as_trio(self._subscription.unsubscribe)()
+        except nats.errors.Error as error:
+            log.debug("Unsubscribe failed", consumer=self.name, error=str(error))
+
+
+class JetStream:
+    """nats-py's connection and JetStream context, seen from trio.
+
+    ``connected`` follows the connection (an ``AsyncBool`` to wait on), so
+    /health and the fetch loops know when NATS is away and when it is back.
+    """
+
+    def __init__(self, config: NatsConfig) -> None:
+        self.config = config
+        self.connected = AsyncBool(False)
+        self.connection_number = 0
+        self._closing = False
+        self._client = NatsClient()
+        self._js: JetStreamContext | None = None
+
+    @property
+    def server_url(self) -> str:
+        return str(self._client.connected_url.geturl()) if self._client.connected_url else ""
+
+    async def _connect(self, url: str) -> None:
+        async def disconnected() -> None:
+            self.connected.value = False
+            if not self._closing:
+                log.warning("NATS disconnected")
+
+        async def reconnected() -> None:
+            self.connection_number += 1
+            self.connected.value = True
+            log.info("NATS reconnected", url=self.server_url)
+
+        async def error(exc: Exception) -> None:
+            log.warning("NATS error", error=str(exc) or type(exc).__name__)
+
+        async def closed() -> None:
+            self.connected.value = False
+
+        self._client = NatsClient()
+        await self._client.connect(
+            servers=[server.strip() for server in url.split(",")],
+            name="telephony-forwarder",
+            # nats-py gives up after 60 reconnects by default and notices a dead
+            # link only after two missed 120 s pings: never give up, notice fast.
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=RECONNECT_WAIT_SECONDS,
+            ping_interval=10,
+            max_outstanding_pings=2,
+            connect_timeout=2,
+            drain_timeout=int(DRAIN_TIMEOUT_SECONDS),
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+            closed_cb=closed,
+        )
+        self._js = self._client.jetstream(timeout=self.config.publish_timeout_seconds)
+        self.connected.value = True
+
+    async def _drain(self) -> None:
+        self._closing = True
+        if not self._client.is_closed:
+            try:
+                await self._client.drain()
+            except (TimeoutError, nats.errors.Error) as error:
+                log.warning("NATS drain failed; closing", error=str(error))
+                await self._client.close()
+
+    @property
+    def _context(self) -> JetStreamContext:
+        assert self._js is not None, "use open_jetstream()"
+        return self._js
+
+    async def ensure_stream(self) -> None:
+        """Create the stream, or bring an existing one's limits up to the config."""
+        stream = api.StreamConfig(
+            name=self.config.stream_name,
+            subjects=[self.config.subject_pattern],
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS,
+            max_age=self.config.max_age_days * 86400,
+            max_bytes=int(self.config.max_bytes),
+            duplicate_window=self.config.duplicate_window_seconds,
+        )
+
+        async def ensure() -> None:
+            try:
+                await self._context.stream_info(stream.name)
+            except nats.js.errors.NotFoundError:
+                await self._context.add_stream(stream)
+            else:
+                await self._context.update_stream(stream)
+
+        await aio_as_trio(ensure)()
+
+    async def publish_batch(self, events: Sequence[AcceptedEvent]) -> list[PublishReceipt | Exception]:
+        """Store ``events`` in one bridge crossing; one receipt or error per event, in order.
+
+        Each is published with ``Nats-Msg-Id`` = event_id, so a repeat inside the
+        duplicate window is stored once (and reported as a duplicate).
+        """
+        if not self.connected.value:
+            unavailable = NatsUnavailable("not connected to NATS")
+            return [unavailable for _ in events]
+        pattern = self.config.subject_pattern
+
+        async def publish_all() -> list[Any]:
+            return await asyncio.gather(
+                *(
+                    self._context.publish(
+                        domain_subject(pattern, event.domain),
+                        event.payload,
+                        headers={"Nats-Msg-Id": event.event_id},
+                    )
+                    for event in events
+                ),
+                return_exceptions=True,
+            )
+
+        results = await aio_as_trio(publish_all)()
+        return [
+            PublishReceipt(result.seq, bool(result.duplicate)) if isinstance(result, api.PubAck) else result
+            for result in results
+        ]
+
+    async def ack_batch(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge ``deliveries`` in one bridge crossing."""
+
+        async def ack_all() -> None:
+            for delivery in deliveries:
+                try:
+                    await delivery.handle.ack()
+                except nats.errors.Error as error:
+                    # Not acked means redelivered after ack_wait: at-least-once holds.
+                    log.warning("Ack failed", stream_sequence=delivery.stream_sequence, error=str(error))
+
+        await aio_as_trio(ack_all)()
+
+    async def open_consumer(self, domain: str, max_in_flight: int) -> DomainConsumer:
+        """Create or update ``domain``'s durable pull consumer and subscribe to it."""
+        name = consumer_name(domain)
+        config = api.ConsumerConfig(
+            name=name,
+            durable_name=name,
+            filter_subject=domain_subject(self.config.subject_pattern, domain),
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.config.ack_wait_seconds,
+            max_deliver=self.config.max_deliveries,
+            # Room for the in-flight events plus the failed ones waiting out ack_wait.
+            max_ack_pending=max(1000, 4 * max_in_flight),
+        )
+
+        async def create() -> JetStreamContext.PullSubscription:
+            await self._context.add_consumer(self.config.stream_name, config)
+            return await self._context.pull_subscribe_bind(durable=name, stream=self.config.stream_name)
+
+        if not self.connected.value:
+            raise NatsUnavailable("not connected to NATS")
+        try:
+            subscription = await aio_as_trio(create)()
+        except _NATS_ERRORS as error:
+            raise NatsUnavailable(f"cannot open consumer {name}: {error or type(error).__name__}") from error
+        return DomainConsumer(self, domain, subscription)
+
+
+def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # Without a handler trio-asyncio re-raises stray asyncio errors into its
+    # nursery and tears the whole service down.
+    error = context.get("exception")
+    log.error("asyncio error", message=context.get("message"), error=repr(error) if error else None)
+
+
+@asynccontextmanager
+async def open_jetstream(config: NatsConfig, url: str) -> AsyncIterator[JetStream]:
+    """Connect to NATS at ``url`` (retrying until it answers) and ensure the stream.
+
+    On exit the connection is drained (bounded by ``DRAIN_TIMEOUT_SECONDS``), so
+    acks already handed to nats-py reach the server.
+    """
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_log_asyncio_error)
+        jetstream = JetStream(config)
+        while True:
+            try:
+                await aio_as_trio(jetstream._connect)(url)
+                break
+            except (TimeoutError, nats.errors.Error, OSError) as error:
+                log.warning("NATS not reachable; retrying", url=url, error=str(error) or type(error).__name__)
+                await trio.sleep(RECONNECT_WAIT_SECONDS)
+        log.info("NATS connected", url=jetstream.server_url)
+        try:
+            await jetstream.ensure_stream()
+            yield jetstream
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT_SECONDS):
+                await aio_as_trio(jetstream._drain)()

@@ -1,0 +1,75 @@
+"""The supervisor: opens the root nursery, starts every actor and the web server in order."""
+
+from __future__ import annotations
+
+import structlog
+import trio
+
+from actors.acknowledger import Acknowledger
+from actors.ingress import Ingress, PublishRequest
+from actors.subscriber import Subscriber
+from pipeline.config import Config
+from pipeline.embedded_nats import EmbeddedNats
+from pipeline.nats_bridge import Delivery, open_jetstream
+from pipeline.routes import open_routes
+from web.app import create_app
+from web.server import serve_http
+
+log = structlog.get_logger(component="supervisor")
+
+# Requests waiting to be published: enough for a burst across a few batches;
+# beyond that handlers wait, which is the back-pressure a client should feel.
+PUBLISH_QUEUE_SIZE = 1024
+# Deliveries waiting to be acked: many batches' worth, so forwarders rarely wait.
+ACK_QUEUE_SIZE = 4096
+
+
+async def run_service(
+    config: Config,
+    stopping: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the whole service until ``stopping`` is set, then shut down in order.
+
+    Reports the HTTP server's bound addresses once everything is ready.
+    Shutdown: the HTTP server stops accepting and finishes its requests; the
+    ingress publishes what it was given; the subscriber stops fetching and the
+    forwarders finish their in-flight events (bounded by the grace period);
+    the acknowledger sends the last acks; NATS is drained; the embedded server
+    stops last.
+    """
+    async with trio.open_nursery() as root:
+        if config.nats.embedded:
+            embedded = EmbeddedNats(config.nats.data_dir, sync_always=config.nats.sync_always)
+            url = await root.start(embedded.run)
+        else:
+            url = config.nats.url
+        async with open_jetstream(config.nats, url) as jetstream:
+            routes = open_routes(config.endpoints_by_domain())
+            publish_send, publish_receive = trio.open_memory_channel[PublishRequest](PUBLISH_QUEUE_SIZE)
+            acks_send, acks_receive = trio.open_memory_channel[Delivery](ACK_QUEUE_SIZE)
+            async with trio.open_nursery() as actors:
+                await actors.start(Acknowledger(jetstream, acks_receive).run)
+                await actors.start(Subscriber(jetstream, routes, acks_send, config, stopping).run)
+                await actors.start(Ingress(jetstream, publish_receive, routes).run)
+                app = create_app(config, jetstream, publish_send)
+                binds = await actors.start(_serve_until_stopped, app, config, stopping, publish_send)
+                log.info("Service ready", listening=binds, routes=len(config.routes), nats=url)
+                task_status.started(binds)
+        root.cancel_scope.cancel()
+    log.info("Service stopped")
+
+
+async def _serve_until_stopped(
+    app,
+    config: Config,
+    stopping: trio.Event,
+    publish_send: trio.MemorySendChannel[PublishRequest],
+    *,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    # The HTTP handlers are the only senders to the ingress: once the server
+    # has finished its last request, closing this end lets the ingress drain and stop.
+    with publish_send:
+        await serve_http(app, config.server, stopping, task_status=task_status)

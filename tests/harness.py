@@ -1,0 +1,194 @@
+"""Real pieces for scenario tests: a nats-server, webhook backends, the service itself.
+
+Everything listens on 127.0.0.1 and port 0 (or a free port), so tests run side
+by side and leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from trio_util import AsyncValue
+
+from pipeline.config import Config
+from pipeline.embedded_nats import EmbeddedNats
+from pipeline.supervisor import run_service
+
+# An answer a backend can give: an HTTP status, or HANG (never answer).
+HANG = -1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ReceivedRequest:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass(eq=False)
+class Backend:
+    """A webhook receiver: records every request; answers what ``answer`` says.
+
+    ``answer(request_number, body)`` returns a status code or ``HANG``
+    (request_number counts from 1 across all requests to this backend).
+    """
+
+    answer: Callable[[int, dict[str, Any]], int] = lambda number, body: 200
+    received: list[ReceivedRequest] = field(default_factory=list)
+    count: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
+    completed: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
+    url: str = ""
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = json.loads(b"".join(chunks))
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.received.append(ReceivedRequest(scope["path"], headers, body))
+        self.count.value += 1
+        status = self.answer(self.count.value, body)
+        if status == HANG:
+            await trio.sleep_forever()
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        self.completed.value += 1
+
+    async def wait_count(self, at_least: int) -> None:
+        await self.count.wait_value(lambda count: count >= at_least)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [request.body for request in self.received]
+
+    def attempts_of(self, call_id: str) -> list[int]:
+        return [r.body["delivery_attempt"] for r in self.received if r.body.get("call_id") == call_id]
+
+
+async def serve_backend(backend: Backend, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``backend`` on a free loopback port; reports its webhook URL."""
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 0.1
+
+    class _Started:
+        def started(self, binds: list[str]) -> None:
+            backend.url = f"{binds[0]}/webhook"
+            task_status.started(backend.url)
+
+    await serve(backend, config, task_status=_Started(), mode="asgi")
+
+
+class NatsServer:
+    """The bundled nats-server on fixed ports with a temporary store; can be stopped and restarted."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.monitor_port = free_port()
+        self.embedded = EmbeddedNats(data_dir, port=free_port(), monitor_port=self.monitor_port)
+        self._scope: trio.CancelScope | None = None
+
+    @property
+    def url(self) -> str:
+        return self.embedded.url
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as self._scope:
+            await self.embedded.run(task_status=task_status)
+
+    def stop(self) -> None:
+        assert self._scope is not None
+        self._scope.cancel()
+
+    async def consumer_state(self, stream: str, consumer: str) -> dict[str, Any]:
+        """The consumer's state from the server's monitoring endpoint (/jsz)."""
+        async with httpx.AsyncClient() as client:
+            response = await client.get(
+                f"http://127.0.0.1:{self.monitor_port}/jsz", params={"consumers": "true", "config": "true"}
+            )
+        for account in response.json().get("account_details", []):
+            for stream_detail in account.get("stream_detail", []):
+                if stream_detail["name"] == stream:
+                    for info in stream_detail.get("consumer_detail", []):
+                        if info["name"] == consumer:
+                            return info
+        raise LookupError(f"no consumer {consumer} on stream {stream}")
+
+
+def make_config(nats_url: str, routes: dict[str, list[str]], **sections: dict[str, Any]) -> Config:
+    """A service config for tests: port 0, short timeouts, so redeliveries take a second or two."""
+    raw: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_seconds": 5},
+        "nats": {
+            "url": nats_url,
+            "stream_name": "test-signals",
+            "subject_pattern": "test.signal.*",
+            "ack_wait_seconds": 1.5,
+            "max_deliveries": 3,
+        },
+        "forwarding": {"timeout_seconds": 1.0, "max_in_flight_per_domain": 16},
+        "routes": [{"domain": domain, "endpoints": endpoints} for domain, endpoints in routes.items()],
+    }
+    for section, values in sections.items():
+        raw[section] = raw.get(section, {}) | values
+    return Config.model_validate(raw)
+
+
+@dataclass
+class RunningService:
+    url: str
+    client: httpx.AsyncClient
+    stopping: trio.Event
+
+    async def post_event(self, event: dict[str, Any]) -> httpx.Response:
+        return await self.client.post(f"{self.url}/events", json=event)
+
+
+@asynccontextmanager
+async def running_service(config: Config) -> AsyncIterator[RunningService]:
+    """Run the service in-process until the block ends, then shut it down gracefully."""
+    stopping = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(run_service, config, stopping)
+        async with httpx.AsyncClient(timeout=10) as client:
+            yield RunningService(binds[0], client, stopping)
+        stopping.set()
+
+
+def call_event(domain: str, call_id: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "call_id": call_id,
+        "domain": domain,
+        "direction": "inbound",
+        "state": "missed",
+        "status": "busy-line",
+        "from_number": "0914315989",
+        **extra,
+    }

@@ -1,0 +1,140 @@
+"""Scenarios: events through a real nats-server to real HTTP backends."""
+
+from __future__ import annotations
+
+import trio
+
+from pipeline.events import consumer_name
+from tests.conftest import StartBackend
+from tests.harness import HANG, NatsServer, call_event, make_config, running_service
+
+SCENARIO_TIMEOUT = 30
+
+
+async def test_event_fans_out_to_every_endpoint_of_its_domain(nats_server, start_backend: StartBackend):
+    first, second = await start_backend(), await start_backend()
+    config = make_config(nats_server.url, {"vietanh.cloudgo.vn": [first.url, second.url]})
+    with trio.fail_after(SCENARIO_TIMEOUT):
+        async with running_service(config) as service:
+            response = await service.post_event(call_event("vietanh.cloudgo.vn", "call-1"))
+            assert response.status_code == 202
+            answer = response.json()
+            assert answer["status"] == "accepted" and answer["sequence"] == 1
+            await first.wait_count(1)
+            await second.wait_count(1)
+    for backend in (first, second):
+        [request] = backend.received
+        assert request.body == call_event("vietanh.cloudgo.vn", "call-1") | {
+            "event_id": answer["event_id"],
+            "delivery_attempt": 1,
+        }
+        assert request.headers["content-type"] == "application/json"
+        assert request.headers["idempotency-key"] == answer["event_id"]
+
+
+async def test_domains_with_dots_reach_only_their_own_endpoints(nats_server, start_backend: StartBackend):
+    cloudgo, example = await start_backend(), await start_backend()
+    config = make_config(nats_server.url, {"vietanh.cloudgo.vn": [cloudgo.url], "a.b.example.com": [example.url]})
+    with trio.fail_after(SCENARIO_TIMEOUT):
+        async with running_service(config) as service:
+            for n in range(3):
+                assert (await service.post_event(call_event("vietanh.cloudgo.vn", f"vn-{n}"))).status_code == 202
+                assert (await service.post_event(call_event("A.B.Example.com", f"ex-{n}"))).status_code == 202
+            await cloudgo.wait_count(3)
+            await example.wait_count(3)
+    assert sorted(b["call_id"] for b in cloudgo.bodies()) == ["vn-0", "vn-1", "vn-2"]
+    assert sorted(b["call_id"] for b in example.bodies()) == ["ex-0", "ex-1", "ex-2"]
+    # The domain is forwarded as the client spelled it.
+    assert {b["domain"] for b in example.bodies()} == {"A.B.Example.com"}
+
+
+async def test_unrouted_domain_waits_in_the_stream_until_it_has_a_route(nats_server, start_backend: StartBackend):
+    backend = await start_backend()
+    with trio.fail_after(SCENARIO_TIMEOUT):
+        async with running_service(make_config(nats_server.url, {})) as service:
+            for n in range(2):
+                assert (await service.post_event(call_event("late.example.vn", f"late-{n}"))).status_code == 202
+        assert backend.count.value == 0
+        # Restart with a route for it: the waiting events are delivered.
+        async with running_service(make_config(nats_server.url, {"late.example.vn": [backend.url]})):
+            await backend.wait_count(2)
+    assert sorted(b["call_id"] for b in backend.bodies()) == ["late-0", "late-1"]
+    assert {b["delivery_attempt"] for b in backend.bodies()} == {1}
+
+
+async def test_failing_endpoint_gets_redeliveries_until_all_succeed(nats_server, start_backend: StartBackend):
+    steady = await start_backend()
+    flaky = await start_backend(lambda number, body: 500 if number <= 2 else 200)
+    config = make_config(nats_server.url, {"flaky.example": [steady.url, flaky.url]})
+    with trio.fail_after(SCENARIO_TIMEOUT):
+        async with running_service(config) as service:
+            await service.post_event(call_event("flaky.example", "retry-1"))
+            await flaky.wait_count(3)
+            await steady.wait_count(3)
+            await _wait_settled(nats_server, "test-signals", "flaky.example")
+    # Both endpoints see every attempt; the event is acked once all answered 2xx.
+    assert flaky.attempts_of("retry-1") == [1, 2, 3]
+    assert steady.attempts_of("retry-1") == [1, 2, 3]
+    state = await nats_server.consumer_state("test-signals", consumer_name("flaky.example"))
+    assert state["ack_floor"]["stream_seq"] == 1
+
+
+async def test_always_failing_endpoint_gets_exactly_max_deliveries(nats_server, start_backend: StartBackend):
+    broken = await start_backend(lambda number, body: 503)
+    config = make_config(nats_server.url, {"broken.example": [broken.url]})
+    with trio.fail_after(SCENARIO_TIMEOUT):
+        async with running_service(config) as service:
+            await service.post_event(call_event("broken.example", "doomed"))
+            await broken.wait_count(3)
+            # The server has nothing left to deliver or wait for: no fourth attempt can come.
+            await _wait_settled(nats_server, "test-signals", "broken.example")
+            state = await nats_server.consumer_state("test-signals", consumer_name("broken.example"))
+    assert broken.attempts_of("doomed") == [1, 2, 3]
+    assert state["num_pending"] == 0 and state["num_ack_pending"] == 0
+    assert state["ack_floor"]["stream_seq"] == 0  # never acknowledged
+
+
+async def test_endpoint_timeout_counts_as_failure(nats_server, start_backend: StartBackend):
+    slow = await start_backend(lambda number, body: HANG if number == 1 else 200)
+    config = make_config(nats_server.url, {"slow.example": [slow.url]})
+    with trio.fail_after(SCENARIO_TIMEOUT):
+        async with running_service(config) as service:
+            await service.post_event(call_event("slow.example", "slow-1"))
+            await slow.wait_count(2)
+    assert slow.attempts_of("slow-1") == [1, 2]
+    assert slow.completed.value == 1
+
+
+async def test_hanging_domain_does_not_delay_another_domain(nats_server, start_backend: StartBackend):
+    hanging = await start_backend(lambda number, body: HANG)
+    healthy = await start_backend()
+    config = make_config(
+        nats_server.url,
+        {"hanging.example": [hanging.url], "healthy.example": [healthy.url]},
+        forwarding={"timeout_seconds": 3.0, "max_in_flight_per_domain": 8},
+        nats={"ack_wait_seconds": 5.0},
+    )
+    with trio.fail_after(SCENARIO_TIMEOUT):
+        async with running_service(config) as service:
+            # Far more than the hanging domain's in-flight limit.
+            for n in range(40):
+                await service.post_event(call_event("hanging.example", f"stuck-{n}"))
+            await hanging.wait_count(8)
+            for n in range(40):
+                await service.post_event(call_event("healthy.example", f"fine-{n}"))
+            await healthy.wait_count(40)
+            # Every healthy event arrived while the hanging domain's first requests
+            # were still open (none has even timed out yet), and it took no more
+            # than its in-flight limit.
+            assert hanging.count.value == 8
+            assert hanging.completed.value == 0
+    assert sorted(healthy.attempts_of(f"fine-{n}")[0] for n in range(40)) == [1] * 40
+
+
+async def _wait_settled(nats_server: NatsServer, stream: str, domain: str) -> None:
+    """Wait until the domain's consumer has nothing pending or awaiting an ack."""
+    while True:
+        state = await nats_server.consumer_state(stream, consumer_name(domain))
+        if state["num_pending"] == 0 and state["num_ack_pending"] == 0:
+            return
+        await trio.sleep(0.05)

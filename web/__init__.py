@@ -1,0 +1,1 @@
+"""The HTTP side: the quart-trio app (ingress, health, API, dashboard) and its server."""

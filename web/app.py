@@ -1,0 +1,88 @@
+"""The quart-trio app: POST /events, GET /health, and JSON errors for everything else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from actors.ingress import PublishRequest
+from pipeline.config import Config
+from pipeline.events import InvalidEvent, parse_event
+from pipeline.nats_bridge import JetStream
+
+# Content types a PBX may plausibly send JSON with; curl's -d default
+# (x-www-form-urlencoded) included, since that is how people try it out.
+_ACCEPTED_CONTENT_TYPES = frozenset(
+    {"", "application/json", "text/plain", "text/json", "application/x-www-form-urlencoded"}
+)
+
+
+def _error(status: int, message: str, **extra: Any) -> tuple[dict[str, Any], int]:
+    return {"status": "error", "error": message, **extra}, status
+
+
+def create_app(
+    config: Config,
+    jetstream: JetStream,
+    publish_requests: trio.MemorySendChannel[PublishRequest],
+) -> QuartTrio:
+    """Build the app around the running pipeline's pieces (no module-level state)."""
+    app = QuartTrio(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = int(config.server.max_body_size)
+    # Time a publish may take before the client is told it failed: the publish
+    # timeout, plus room for the batch it waits behind.
+    answer_deadline = config.nats.publish_timeout_seconds + 2.0
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> tuple[dict[str, Any], int]:
+        code = error.code or 500
+        if code == 413:
+            return _error(413, f"body larger than {int(config.server.max_body_size)} bytes")
+        return _error(code, error.description or error.name)
+
+    @app.post("/events")
+    async def post_event() -> tuple[dict[str, Any], int]:
+        content_type = (request.mimetype or "").lower()
+        if content_type not in _ACCEPTED_CONTENT_TYPES and not content_type.endswith("+json"):
+            return _error(415, f"unsupported Content-Type {content_type!r}: send application/json")
+        body = await request.get_data(cache=False)
+        try:
+            event = parse_event(body)
+        except InvalidEvent as error:
+            return _error(400, str(error))
+        publish = PublishRequest(event)
+        # A client that hangs up cancels this handler; the publish it started
+        # must still finish (or time out) on its own, never half-done.
+        with trio.CancelScope(shield=True), trio.move_on_after(answer_deadline):
+            await publish_requests.send(publish)
+            await publish.done.wait()
+        outcome = publish.outcome
+        if outcome is None:
+            return _error(503, "timed out storing the event; retry with the same event_id", event_id=event.event_id)
+        if isinstance(outcome, Exception):
+            return _error(
+                500,
+                f"event not stored: {outcome or type(outcome).__name__}; retry with the same event_id",
+                event_id=event.event_id,
+            )
+        answer = {"status": "accepted", "event_id": event.event_id, "sequence": outcome.sequence}
+        if outcome.duplicate:
+            answer["duplicate"] = True
+        return answer, 202
+
+    @app.get("/health")
+    async def health() -> tuple[dict[str, Any], int]:
+        if jetstream.connected.value:
+            return {"status": "ok", "nats": "connected"}, 200
+        return {"status": "unavailable", "nats": "disconnected", "reason": "not connected to NATS"}, 503
+
+    @app.after_request
+    async def no_cache(response: Response) -> Response:
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    return app

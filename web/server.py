@@ -1,0 +1,30 @@
+"""Serving the app with hypercorn's trio worker."""
+
+from __future__ import annotations
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from quart_trio import QuartTrio
+
+from pipeline.config import ServerConfig
+
+
+async def serve_http(
+    app: QuartTrio,
+    config: ServerConfig,
+    stopping: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` until ``stopping`` is set, then finish in-flight requests.
+
+    Reports the bound addresses (``http://host:port``) once listening. Hypercorn
+    installs no signal handlers of its own: ``stopping`` is the trigger.
+    """
+    hypercorn_config = HypercornConfig()
+    hypercorn_config.bind = [f"{config.host}:{config.port}"]
+    # Above the publish timeout, so requests waiting for JetStream still get their answer.
+    hypercorn_config.graceful_timeout = config.shutdown_grace_seconds
+    hypercorn_config.accesslog = None
+    await serve(app, hypercorn_config, shutdown_trigger=stopping.wait, task_status=task_status)
