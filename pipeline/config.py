@@ -169,7 +169,7 @@ def load_config(path: Path) -> Config:
     except ValidationError as error:
         lines = []
         for problem in error.errors(include_url=False):
-            field = _field_path(problem["loc"]) or "(top level)"
+            field = _field_path(problem["loc"])
             message = problem["msg"].removeprefix("Value error, ")
-            lines.append(f"{path}: {field}: {message}")
+            lines.append(f"{path}: {field}: {message}" if field else f"{path}: {message}")
         raise ConfigError("\n".join(lines)) from None

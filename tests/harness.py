@@ -50,6 +50,8 @@ class Backend:
     """
 
     answer: Callable[[int, dict[str, Any]], int] = lambda number, body: 200
+    # When given, every request waits for it before answering.
+    release: trio.Event | None = None
     received: list[ReceivedRequest] = field(default_factory=list)
     count: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
     completed: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
@@ -75,6 +77,8 @@ class Backend:
         self.received.append(ReceivedRequest(scope["path"], headers, body))
         self.count.value += 1
         status = self.answer(self.count.value, body)
+        if self.release is not None:
+            await self.release.wait()
         if status == HANG:
             await trio.sleep_forever()
         await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"2")]})

@@ -1,0 +1,152 @@
+"""Scenarios: the console command as an operator runs it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from pipeline.events import consumer_name
+from tests.harness import Backend, NatsServer, call_event, free_port, serve_backend
+
+COMMAND = [sys.executable, "-m", "pipeline"]
+
+VALID = """\
+server:
+  port: 8080
+nats:
+  url: embedded
+routes:
+  - domain: vietanh.cloudgo.vn
+    endpoints: ["http://127.0.0.1:9000/webhook"]
+"""
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*COMMAND, *args], capture_output=True, text=True, timeout=60)  # noqa: ASYNC221
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, "config.yaml: file not found"),
+        ("server: [port: 1\n", "config.yaml: invalid YAML (line 2, column 1): expected ',' or ']'"),
+        ("- just\n- a list\n", "config.yaml: the top level must be a mapping"),
+        ("server:\n  port: eighty\n", "config.yaml: server.port: Input should be a valid integer"),
+        ("server:\n  prot: 8080\n", "config.yaml: server.prot: Extra inputs are not permitted"),
+        (
+            VALID + "  - domain: VIETANH.cloudgo.vn\n    endpoints: [http://127.0.0.1:9001/]\n",
+            "config.yaml: routes: duplicate domain 'vietanh.cloudgo.vn'",
+        ),
+        (
+            "routes:\n  - domain: a.vn\n    endpoints: [ftp://files.example/x]\n",
+            "config.yaml: routes[0].endpoints[0]: URL scheme should be 'http' or 'https'",
+        ),
+        (
+            "routes:\n  - domain: a.vn\n    endpoints: []\n",
+            "config.yaml: routes[0].endpoints: List should have at least 1 item",
+        ),
+        (
+            "nats:\n  ack_wait_seconds: 3\n",
+            "config.yaml: nats.ack_wait_seconds (3) must exceed forwarding.timeout_seconds (3)",
+        ),
+        ('nats:\n  subject_pattern: "call.signal"\n', "config.yaml: nats.subject_pattern: must be dot-separated"),
+        ('nats:\n  url: "http://localhost:4222"\n', 'config.yaml: nats.url: must be "embedded" or nats://'),
+    ],
+)
+def test_config_errors_exit_2_with_one_clear_line(tmp_path: Path, text: str | None, expected: str):
+    config = tmp_path / "config.yaml"
+    if text is not None:
+        config.write_text(text)
+    result = run_cli("-config", str(config))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"telephony-forwarder: {tmp_path}/{expected}"), lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_the_go_style_flags():
+    result = run_cli("-h")
+    assert result.returncode == 0
+    for flag in ("-config", "-log-level", "-log-file", "-domain-logging"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["-log-level", "loud"], "argument -log-level/--log-level: invalid choice: 'loud'"),
+        (["-domain-logging=maybe"], "expected true or false, got 'maybe'"),
+        (["-no-such-flag"], "unrecognized arguments: -no-such-flag"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(args: list[str], complaint: str):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert complaint in result.stderr
+
+
+async def test_sigterm_finishes_in_flight_forward_acks_it_and_exits_0(
+    nats_server: NatsServer, nursery: trio.Nursery, tmp_path: Path
+):
+    release = trio.Event()
+    backend = Backend(release=release)
+    await nursery.start(serve_backend, backend)
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        f"nats: {{url: '{nats_server.url}', stream_name: cli, subject_pattern: 'cli.*'}}\n"
+        f"routes: [{{domain: ok.vn, endpoints: ['{backend.url}']}}]\n"
+    )
+    with trio.fail_after(60):
+        process = await trio.lowlevel.open_process(
+            [*COMMAND, "-config", str(config), "-log-level", "info"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            log = _LogReader(process.stdout)
+            await log.wait_for("Service ready")
+            async with httpx.AsyncClient() as client:
+                response = await client.post(f"http://127.0.0.1:{port}/events", json=call_event("ok.vn", "slow"))
+            assert response.status_code == 202
+            await backend.wait_count(1)  # the forward is in flight, held by the backend
+
+            process.send_signal(signal.SIGTERM)
+            await log.wait_for("Shutting down")
+            release.set()
+            await log.wait_for("Service stopped")
+            assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+    state = await nats_server.consumer_state("cli", consumer_name("ok.vn"))
+    assert state["ack_floor"]["stream_seq"] == 1  # acknowledged before exit: not redelivered
+    assert backend.attempts_of("slow") == [1]
+
+
+class _LogReader:
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._buffer = b""
+
+    async def wait_for(self, message: str) -> dict:
+        while True:
+            *lines, self._buffer = self._buffer.split(b"\n")
+            for index, line in enumerate(lines):
+                record = json.loads(line) if line.startswith(b"{") else {}
+                if record.get("msg") == message:
+                    self._buffer = b"\n".join(lines[index + 1 :] + [self._buffer])
+                    return record
+            chunk = await self._stream.receive_some()
+            if not chunk:
+                raise AssertionError(f"process output ended before {message!r}")
+            self._buffer += chunk

@@ -1,0 +1,65 @@
+"""Unit tests: event validation, identity and subject encoding."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from pipeline.events import (
+    InvalidEvent,
+    consumer_name,
+    domain_subject,
+    domain_token,
+    normalize_domain,
+    parse_event,
+    subject_domain,
+    token_domain,
+)
+
+
+@pytest.mark.parametrize(
+    "domain", ["vietanh.cloudgo.vn", "a", "x-y_z.example.com", "~tilde", "a.*.>", "sp ace", "ünï", "a" * 253]
+)
+def test_domain_token_is_one_safe_token_and_reversible(domain: str):
+    token = domain_token(domain)
+    assert not set(token) & set(". *>\t\r\n")
+    assert token_domain(token) == domain
+
+
+def test_domain_subject_keeps_the_pattern_shape():
+    subject = domain_subject("call.signal.*", "vietanh.cloudgo.vn")
+    assert subject == "call.signal.vietanh~2ecloudgo~2evn"
+    assert subject_domain("call.signal.*", subject) == "vietanh.cloudgo.vn"
+    assert subject_domain("call.signal.*", "call.other.x") is None
+    assert domain_subject("events.*.in", "a.b") == "events.a~2eb.in"
+
+
+def test_consumer_names_are_distinct_and_bounded():
+    long_a, long_b = "a" * 200 + ".vn", "a" * 200 + ".com"
+    assert consumer_name(long_a) != consumer_name(long_b)
+    assert len(consumer_name(long_a)) < 200
+    assert consumer_name("ok.vn") == "forward-ok~2evn"
+
+
+def test_normalize_domain_lowercases_and_rejects_what_is_not_host_like():
+    assert normalize_domain("VietAnh.CloudGo.VN") == "vietanh.cloudgo.vn"
+    for bad in ["", " ", "a b", "a/b", "a*", "a>", "ünï.vn", "a" * 254, None, 3]:
+        with pytest.raises(InvalidEvent):
+            normalize_domain(bad)
+
+
+def test_parse_event_keeps_fields_and_adds_an_event_id():
+    event = {"domain": "Ok.vn", "call_id": "c-1", "nested": {"x": [1, 2.5, None]}, "name": "Nguyễn"}
+    accepted = parse_event(json.dumps(event).encode())
+    stored = json.loads(accepted.payload)
+    assert stored == event | {"event_id": accepted.event_id}
+    assert uuid.UUID(accepted.event_id)
+    assert accepted.domain == "ok.vn"
+    assert accepted.fields["call_id"] == "c-1"
+
+
+def test_parse_event_keeps_the_clients_event_id():
+    accepted = parse_event(b'{"domain": "ok.vn", "event_id": "pbx-1:42"}')
+    assert accepted.event_id == "pbx-1:42"

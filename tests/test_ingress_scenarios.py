@@ -1,0 +1,114 @@
+"""Scenarios: what a client posting to /events sees, against a real nats-server."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from pipeline.config import Config
+from tests.conftest import StartBackend
+from tests.harness import RunningService, call_event, make_config, running_service
+
+
+@pytest.fixture
+async def service(nats_server, nursery):
+    """The service with one routed domain and a 1 KiB body limit."""
+    config = make_config(nats_server.url, {}, server={"max_body_size": 1024})
+    ready: trio.Event = trio.Event()
+    holder: list[RunningService] = []
+
+    async def run(config: Config) -> None:
+        async with running_service(config) as running:
+            holder.append(running)
+            ready.set()
+            await trio.sleep_forever()
+
+    nursery.start_soon(run, config)
+    await ready.wait()
+    return holder[0]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "body is not valid JSON"),
+        (b"\xff\xfe", "body is not valid JSON"),
+        (b"[1, 2]", "body must be a JSON object"),
+        (b'"domain"', "body must be a JSON object"),
+        (b"{}", "domain is required"),
+        (b'{"domain": ""}', "domain must not be empty"),
+        (b'{"domain": 42}', "domain must be a string"),
+        (b'{"domain": null}', "domain must be a string"),
+        (b'{"domain": "bad domain.com"}', "domain must be 1-253 characters"),
+        (b'{"domain": "call.*"}', "domain must be 1-253 characters"),
+        (b'{"domain": "a.>"}', "domain must be 1-253 characters"),
+        (b'{"domain": "' + b"a" * 254 + b'"}', "domain must be 1-253 characters"),
+        (b'{"domain": "ok.vn", "event_id": "has space"}', "event_id must be a string"),
+        (b'{"domain": "ok.vn", "event_id": 7}', "event_id must be a string"),
+    ],
+)
+async def test_invalid_event_gets_400_with_reason(service: RunningService, body: bytes, reason: str):
+    response = await service.client.post(
+        f"{service.url}/events", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["status"] == "error"
+    assert response.json()["error"].startswith(reason)
+
+
+async def test_body_over_limit_gets_413(service: RunningService):
+    event = call_event("ok.vn", "big", padding="x" * 2000)
+    response = await service.post_event(event)
+    assert response.status_code == 413
+    assert response.json() == {"status": "error", "error": "body larger than 1024 bytes"}
+
+
+async def test_unsupported_content_type_gets_415(service: RunningService):
+    response = await service.client.post(
+        f"{service.url}/events", content=b"<event/>", headers={"Content-Type": "application/xml"}
+    )
+    assert response.status_code == 415
+    assert "application/json" in response.json()["error"]
+
+
+async def test_curl_default_content_type_is_accepted(service: RunningService):
+    response = await service.client.post(
+        f"{service.url}/events",
+        content=b'{"domain": "ok.vn", "call_id": "curl"}',
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 202
+
+
+async def test_wrong_method_and_unknown_path_get_json_errors(service: RunningService):
+    response = await service.client.get(f"{service.url}/events")
+    assert response.status_code == 405
+    assert response.json()["status"] == "error"
+    response = await service.client.get(f"{service.url}/nowhere")
+    assert response.status_code == 404
+    assert response.json()["status"] == "error"
+
+
+async def test_client_event_id_is_kept_and_a_retry_is_stored_once(nats_server, start_backend: StartBackend):
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"ok.vn": [backend.url]})
+    event = call_event("ok.vn", "dup", event_id="pbx-42")
+    with trio.fail_after(30):
+        async with running_service(config) as service:
+            first = await service.post_event(event)
+            again = await service.post_event(event)
+            marker = await service.post_event(call_event("ok.vn", "after"))
+            await backend.wait_count(2)
+    assert first.status_code == again.status_code == 202
+    assert first.json() == {"status": "accepted", "event_id": "pbx-42", "sequence": 1}
+    assert again.json() == {"status": "accepted", "event_id": "pbx-42", "sequence": 1, "duplicate": True}
+    assert marker.json()["sequence"] == 2
+    # The marker event came after the retry, so the backend has seen everything it will.
+    assert [b["call_id"] for b in backend.bodies()].count("dup") == 1
+    assert backend.received[0].headers["idempotency-key"] == "pbx-42"
+
+
+async def test_health_reports_nats_connected(service: RunningService):
+    response = await service.client.get(f"{service.url}/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "nats": "connected"}
