@@ -7,7 +7,6 @@ directory that survives restarts; the server listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import re
 import shutil
@@ -140,19 +139,8 @@ class EmbeddedNats:
         binary = server_binary()
         await stop_stale_server(self.data_dir / "nats-server.pid")
         while True:
-            conf = self._write_config()
-            process = await trio.lowlevel.open_process(
-                [str(binary), "-c", str(conf)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                # Own session: a Ctrl-C at the terminal must not stop the server
-                # before the service has drained its connection.
-                start_new_session=True,
-                preexec_fn=_end_with_parent,
-            )
+            process = _ServerProcess([str(binary), "-c", str(self._write_config())])
             try:
-                assert process.stderr is not None
                 lines = _read_lines(process.stderr)
                 output: list[str] = []
                 with trio.move_on_after(START_TIMEOUT_SECONDS):
@@ -174,21 +162,47 @@ class EmbeddedNats:
                 code = await process.wait()
             finally:
                 with trio.CancelScope(shield=True):
-                    await self._stop(process)
+                    await process.stop()
             log.error("Embedded nats-server exited; restarting it", returncode=code)
             await trio.sleep(RESTART_DELAY_SECONDS)
 
-    async def _stop(self, process: trio.Process) -> None:
-        if process.returncode is None:
-            try:
-                process.send_signal(signal.SIGTERM)
-            except OSError as error:
-                if error.errno != errno.ESRCH:
-                    raise
+
+class _ServerProcess:
+    """The nats-server child: spawned from the trio thread, awaited through a pidfd.
+
+    Not ``trio.lowlevel.open_process``: that forks from a worker thread, and
+    Linux sends PR_SET_PDEATHSIG when the forking *thread* exits, so the
+    server would be stopped as soon as trio retired that idle thread.
+    """
+
+    def __init__(self, command: list[str]) -> None:
+        self._popen = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            # Own session: a Ctrl-C at the terminal must not stop the server
+            # before the service has drained its connection.
+            start_new_session=True,
+            preexec_fn=_end_with_parent,
+        )
+        assert self._popen.stderr is not None
+        self.stderr = trio.lowlevel.FdStream(os.dup(self._popen.stderr.fileno()))
+        self._popen.stderr.close()
+        self._pidfd = os.pidfd_open(self._popen.pid)
+
+    async def wait(self) -> int:
+        await trio.lowlevel.wait_readable(self._pidfd)
+        return self._popen.wait()  # already exited: only reaps it
+
+    async def stop(self) -> None:
+        """SIGTERM, up to ``STOP_TIMEOUT_SECONDS`` to flush the store, then SIGKILL."""
+        if self._popen.poll() is None:
+            self._popen.send_signal(signal.SIGTERM)
             with trio.move_on_after(STOP_TIMEOUT_SECONDS):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        if process.stderr is not None:
-            await process.stderr.aclose()
+                await self.wait()
+            if self._popen.poll() is None:
+                self._popen.kill()
+                await self.wait()
+        os.close(self._pidfd)
+        await self.stderr.aclose()

@@ -1,0 +1,108 @@
+"""Scenarios: the bundled nats-server as the service runs it."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from pipeline.embedded_nats import EmbeddedNats, server_binary
+from tests.harness import free_port
+
+# trio retires an idle worker thread after 10 s.
+TRIO_THREAD_IDLE_SECONDS = 10
+
+
+async def _answers(url: str) -> bool:
+    host, port = url.removeprefix("nats://").split(":")
+    try:
+        stream = await trio.open_tcp_stream(host, int(port))
+    except OSError:
+        return False
+    async with stream:
+        return (await stream.receive_some()).startswith(b"INFO ")
+
+
+async def test_server_outlives_trios_idle_worker_threads(tmp_path: Path, nursery: trio.Nursery):
+    # Regression: spawned from a trio worker thread with PR_SET_PDEATHSIG, the
+    # server got SIGTERM as soon as that thread retired, 10 s after start.
+    url = await nursery.start(EmbeddedNats(tmp_path).run)
+    pid = int((tmp_path / "nats-server.pid").read_text())
+    await trio.to_thread.run_sync(lambda: None)  # give trio an idle worker thread to retire
+    await trio.sleep(TRIO_THREAD_IDLE_SECONDS + 1.5)  # the scenario is the idle period itself
+    assert await _answers(url)
+    # The same server, not one restarted after it was stopped.
+    assert int((tmp_path / "nats-server.pid").read_text()) == pid
+
+
+async def test_stale_server_of_a_killed_run_is_stopped_before_start(tmp_path: Path, nursery: trio.Nursery):
+    # A server left running on our data directory, as after a kill -9 where the
+    # kernel could not stop the child: started here without any parent link.
+    port = free_port()
+    (tmp_path / "jetstream").mkdir()
+    stale = subprocess.Popen(  # noqa: ASYNC220 - a stand-in for another process's server
+        [
+            str(server_binary()),
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-sd",
+            str(tmp_path / "jetstream"),
+            "-P",
+            str(tmp_path / "nats-server.pid"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(20):
+            await _wait_pid_file(tmp_path / "nats-server.pid")
+            url = await nursery.start(EmbeddedNats(tmp_path, port=port).run)
+            assert await trio.to_thread.run_sync(stale.wait) == 0  # stopped by SIGTERM, cleanly
+            assert await _answers(url)
+            assert int((tmp_path / "nats-server.pid").read_text()) != stale.pid
+    finally:
+        if stale.poll() is None:
+            stale.kill()
+
+
+def test_server_stops_when_the_service_is_killed(tmp_path: Path):
+    script = (
+        "import sys, trio\n"
+        "from pathlib import Path\n"
+        "from pipeline.embedded_nats import EmbeddedNats\n"
+        "async def main():\n"
+        "    async with trio.open_nursery() as n:\n"
+        "        await n.start(EmbeddedNats(Path(sys.argv[1])).run)\n"
+        "        print('ready', flush=True)\n"
+        "trio.run(main)\n"
+    )
+    service = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert service.stdout is not None
+        for line in service.stdout:  # the server's own log lines come first
+            if line.strip() == "ready":
+                break
+        pid = int((tmp_path / "nats-server.pid").read_text())
+        pidfd = os.pidfd_open(pid)
+        service.send_signal(signal.SIGKILL)
+        service.wait(10)
+        # The kernel ends the server with its parent (PR_SET_PDEATHSIG).
+        assert select.select([pidfd], [], [], 10)[0] == [pidfd]
+        os.close(pidfd)
+    finally:
+        if service.poll() is None:
+            service.kill()
+
+
+async def _wait_pid_file(path: Path) -> None:
+    # Another process writes it: there is nothing to wait on but the file itself.
+    while not await trio.Path(path).exists():  # noqa: ASYNC110
+        await trio.sleep(0.05)
