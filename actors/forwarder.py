@@ -140,8 +140,8 @@ async def _post(client: httpx.AsyncClient, endpoint: str, body: bytes, headers: 
     """POST ``body``; None when the endpoint answered 2xx, else what went wrong."""
     try:
         response = await client.post(endpoint, content=body, headers=headers)
-    except httpx.TimeoutException:
-        return "timeout"
+    except httpx.TimeoutException as error:
+        return f"timeout ({type(error).__name__})"
     except httpx.HTTPError as error:
         return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     if response.is_success:

@@ -51,7 +51,9 @@ def wait_http(url: str, timeout: float = 60) -> None:
 def wrk(url: str, seconds: int, script: Path) -> dict[str, float]:
     out = subprocess.run(
         ["wrk", "-t1", "-c32", f"-d{seconds}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import trio
+from structlog.testing import capture_logs
 
 from pipeline.events import consumer_name
 from tests.conftest import StartBackend
@@ -51,10 +52,13 @@ async def test_domains_with_dots_reach_only_their_own_endpoints(nats_server, sta
 async def test_unrouted_domain_waits_in_the_stream_until_it_has_a_route(nats_server, start_backend: StartBackend):
     backend = await start_backend()
     with trio.fail_after(SCENARIO_TIMEOUT):
-        async with running_service(make_config(nats_server.url, {})) as service:
-            for n in range(2):
-                assert (await service.post_event(call_event("late.example.vn", f"late-{n}"))).status_code == 202
+        with capture_logs() as logs:
+            async with running_service(make_config(nats_server.url, {})) as service:
+                for n in range(2):
+                    assert (await service.post_event(call_event("late.example.vn", f"late-{n}"))).status_code == 202
         assert backend.count.value == 0
+        warnings = [record for record in logs if record["event"].startswith("No route for domain")]
+        assert [w["domain"] for w in warnings] == ["late.example.vn"]  # once, not per event
         # Restart with a route for it: the waiting events are delivered.
         async with running_service(make_config(nats_server.url, {"late.example.vn": [backend.url]})):
             await backend.wait_count(2)
@@ -82,7 +86,7 @@ async def test_failing_endpoint_gets_redeliveries_until_all_succeed(nats_server,
 async def test_always_failing_endpoint_gets_exactly_max_deliveries(nats_server, start_backend: StartBackend):
     broken = await start_backend(lambda number, body: 503)
     config = make_config(nats_server.url, {"broken.example": [broken.url]})
-    with trio.fail_after(SCENARIO_TIMEOUT):
+    with trio.fail_after(SCENARIO_TIMEOUT), capture_logs() as logs:
         async with running_service(config) as service:
             await service.post_event(call_event("broken.example", "doomed"))
             await broken.wait_count(3)
@@ -92,17 +96,24 @@ async def test_always_failing_endpoint_gets_exactly_max_deliveries(nats_server, 
     assert broken.attempts_of("doomed") == [1, 2, 3]
     assert state["num_pending"] == 0 and state["num_ack_pending"] == 0
     assert state["ack_floor"]["stream_seq"] == 0  # never acknowledged
+    failures = [record for record in logs if record["event"] == "Failed to forward event"]
+    assert [(f["delivery_attempt"], f["will_retry"]) for f in failures] == [(1, True), (2, True), (3, False)]
+    assert failures[0]["errors"] == {broken.url: "HTTP 503"}
+    [given_up] = [record for record in logs if record["event"] == "Event given up after last delivery attempt"]
+    assert given_up["call_id"] == "doomed" and given_up["delivery_attempt"] == 3
 
 
 async def test_endpoint_timeout_counts_as_failure(nats_server, start_backend: StartBackend):
     slow = await start_backend(lambda number, body: HANG if number == 1 else 200)
     config = make_config(nats_server.url, {"slow.example": [slow.url]})
-    with trio.fail_after(SCENARIO_TIMEOUT):
+    with trio.fail_after(SCENARIO_TIMEOUT), capture_logs() as logs:
         async with running_service(config) as service:
             await service.post_event(call_event("slow.example", "slow-1"))
             await slow.wait_count(2)
     assert slow.attempts_of("slow-1") == [1, 2]
     assert slow.completed.value == 1
+    [failure] = [record for record in logs if record["event"] == "Failed to forward event"]
+    assert failure["errors"][slow.url].startswith("timeout")
 
 
 async def test_hanging_domain_does_not_delay_another_domain(nats_server, start_backend: StartBackend):
