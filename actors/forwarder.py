@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import httpx
 import structlog
 import trio
 from trio_util import AsyncValue
 
+from actors.stats import ForwardOutcome
 from pipeline.config import ForwardingConfig
 from pipeline.events import describe
 from pipeline.nats_bridge import Delivery
@@ -30,12 +32,13 @@ class Forwarder:
     In: ``Delivery`` of this domain, from the subscriber, which never sends more
     than the ``room`` semaphore allows; each delivery's slot is released when
     its forwarding ends. Out: the deliveries that every endpoint answered 2xx,
-    to the acknowledger. Any other outcome is left unacked, so JetStream
+    to the acknowledger, and one ``ForwardOutcome`` per attempt to the stats
+    collector. Any other outcome is left unacked, so JetStream
     redelivers it after ack_wait, up to max_deliveries: there is no retry loop
     here. Endpoints are read from the routes at each attempt, so a redelivery
     goes to the endpoints configured now. Returns when the inbox is closed and
     in-flight forwards have finished (or the grace period ran out); closes its
-    acks channel then.
+    acks and outcomes channels then.
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class Forwarder:
         domain: str,
         deliveries: trio.MemoryReceiveChannel[Delivery],
         acks: trio.MemorySendChannel[Delivery],
+        outcomes: trio.MemorySendChannel[ForwardOutcome],
         room: trio.Semaphore,
         routes: AsyncValue[Routes],
         config: ForwardingConfig,
@@ -53,11 +57,13 @@ class Forwarder:
         self.domain = domain
         self._deliveries = deliveries
         self._acks = acks
+        self._outcomes = outcomes
         self._room = room
         self._routes = routes
         self._config = config
         self._max_deliveries = max_deliveries
         self._grace_seconds = grace_seconds
+        self.in_flight = 0  # events being forwarded now, for the operator's view
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # A client per domain: its own connection pool, so a hanging backend of
@@ -66,7 +72,7 @@ class Forwarder:
         # (cancelling httpx from outside leaks pool slots: httpcore #1093).
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=self._config.max_in_flight_per_domain)
         async with httpx.AsyncClient(timeout=self._config.timeout_seconds, limits=limits) as client:
-            with self._acks, self._deliveries:
+            with self._acks, self._outcomes, self._deliveries:
                 async with trio.open_nursery() as nursery:
                     task_status.started()
                     async for delivery in self._deliveries:
@@ -74,9 +80,11 @@ class Forwarder:
                     nursery.cancel_scope.deadline = trio.current_time() + self._grace_seconds
 
     async def _forward(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
+        self.in_flight += 1
         try:
             await self._forward_to_all(client, delivery)
         finally:
+            self.in_flight -= 1
             self._room.release()
 
     async def _forward_to_all(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
@@ -115,11 +123,22 @@ class Forwarder:
                 nursery.start_soon(post, endpoint)
 
         errors = {result.endpoint: result.error for result in results if result.error is not None}
+        outcome = ForwardOutcome(
+            domain=self.domain,
+            fields=fields,
+            body=body,
+            delivery_attempt=delivery.delivery_attempt,
+            max_deliveries=self._max_deliveries,
+            at=datetime.now(UTC),
+            errors=errors or None,
+        )
         if not errors:
             await self._acks.send(delivery)
+            await self._outcomes.send(outcome)
             log.info("Event forwarded successfully", **fields, endpoints=len(endpoints))
             return
-        will_retry = delivery.delivery_attempt < self._max_deliveries
+        await self._outcomes.send(outcome)
+        will_retry = outcome.will_retry
         log.warning(
             "Failed to forward event",
             **fields,

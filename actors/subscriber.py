@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import structlog
 import trio
 from trio_util import AsyncValue
 
 from actors.forwarder import Forwarder
+from actors.stats import ForwardOutcome
 from pipeline.config import Config
 from pipeline.nats_bridge import Delivery, DomainConsumer, JetStream, NatsUnavailable
 from pipeline.routes import Routes
@@ -15,6 +18,12 @@ log = structlog.get_logger(component="subscriber")
 
 # Pause before re-opening a consumer after an error, so a broken server is not hammered.
 RETRY_DELAY_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberStatistics:
+    in_flight: int
+    in_flight_by_domain: dict[str, int]
 
 
 class Subscriber:
@@ -26,7 +35,7 @@ class Subscriber:
     its ack_wait runs out, and a domain whose backend hangs stops fetching
     while the others go on. Runs until ``stopping`` is set: then it stops
     fetching, closes every forwarder's inbox, waits for them to finish their
-    in-flight events, and closes its acks channel.
+    in-flight events, and closes its acks and outcomes channels.
     """
 
     def __init__(
@@ -34,17 +43,24 @@ class Subscriber:
         jetstream: JetStream,
         routes: AsyncValue[Routes],
         acks: trio.MemorySendChannel[Delivery],
+        outcomes: trio.MemorySendChannel[ForwardOutcome],
         config: Config,
         stopping: trio.Event,
     ) -> None:
         self._jetstream = jetstream
         self._routes = routes
         self._acks = acks
+        self._outcomes = outcomes
+        self._forwarders: dict[str, Forwarder] = {}
         self._config = config
         self._stopping = stopping
 
+    def statistics(self) -> SubscriberStatistics:
+        in_flight = {domain: forwarder.in_flight for domain, forwarder in self._forwarders.items()}
+        return SubscriberStatistics(in_flight=sum(in_flight.values()), in_flight_by_domain=in_flight)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with self._acks:
+        with self._acks, self._outcomes:
             async with trio.open_nursery() as nursery:
                 for domain in self._routes.value:
                     await nursery.start(self._serve_domain, domain)
@@ -58,12 +74,14 @@ class Subscriber:
             domain,
             receive,
             self._acks.clone(),
+            self._outcomes.clone(),
             room,
             self._routes,
             self._config.forwarding,
             max_deliveries=self._config.nats.max_deliveries,
             grace_seconds=self._config.server.shutdown_grace_seconds,
         )
+        self._forwarders[domain] = forwarder
         async with trio.open_nursery() as nursery:
             await nursery.start(forwarder.run)
             with send:

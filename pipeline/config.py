@@ -91,6 +91,13 @@ class ForwardingConfig(_Section):
     max_in_flight_per_domain: int = Field(64, ge=1, le=10_000)
 
 
+class StatsConfig(_Section):
+    # The in-memory store behind /api/events: recent outcomes per domain and type,
+    # and how many domains are kept (the least recently active is dropped first).
+    max_events_per_domain: int = Field(1000, ge=1, le=100_000)
+    max_domains: int = Field(100, ge=1, le=100_000)
+
+
 def _http_url(url: HttpUrl) -> str:
     return str(url)
 
@@ -112,6 +119,7 @@ class Config(_Section):
     server: ServerConfig = ServerConfig()
     nats: NatsConfig = NatsConfig()
     forwarding: ForwardingConfig = ForwardingConfig()
+    stats: StatsConfig = StatsConfig()
     routes: tuple[Route, ...] = ()
 
     @field_validator("routes")
@@ -163,7 +171,7 @@ def load_config(path: Path) -> Config:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (server, nats, forwarding, routes)")
+        raise ConfigError(f"{path}: the top level must be a mapping (server, nats, forwarding, stats, routes)")
     try:
         return Config.model_validate(raw)
     except ValidationError as error:

@@ -54,6 +54,16 @@ class PublishReceipt:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as the stream holds it (read directly, not through a consumer)."""
+
+    subject: str
+    sequence: int
+    stored_at: datetime
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """One delivery of a stored event to this service."""
 
@@ -238,6 +248,46 @@ class JetStream:
             PublishReceipt(result.seq, bool(result.duplicate)) if isinstance(result, api.PubAck) else result
             for result in results
         ]
+
+    async def newest_messages(self, limit: int, subject: str | None = None) -> tuple[list[StoredMessage], int]:
+        """The newest ``limit`` messages of the stream (of ``subject`` only, if given), newest first.
+
+        Also returns how many messages the stream holds (of that subject). Reads
+        the stream directly, so delivery and acks are not disturbed. Walks back
+        from the end in doubling windows, each read forward with next-by-subject
+        lookups, so a sparse subject costs about as many requests as it has
+        messages to show. One bridge crossing.
+        """
+        name = self.config.stream_name
+        wanted_subject = subject or self.config.subject_pattern
+
+        async def read() -> tuple[list[StoredMessage], int]:
+            info = await self._context.stream_info(name, subjects_filter=subject)
+            state = info.state
+            total = state.messages if subject is None else (state.subjects or {}).get(subject, 0)
+            newest: list[StoredMessage] = []
+            high, size = state.last_seq, max(2 * limit, 64)
+            while total and high >= state.first_seq and len(newest) < limit:
+                low = max(state.first_seq, high - size + 1)
+                window: list[StoredMessage] = []
+                sequence = low
+                while sequence <= high:
+                    try:
+                        raw = await self._context.get_msg(name, seq=sequence, subject=wanted_subject, next=True)
+                    except nats.js.errors.NotFoundError:
+                        break
+                    if raw.seq is None or raw.seq > high:
+                        break
+                    window.append(StoredMessage(raw.subject or "", raw.seq, raw.time, raw.data or b""))
+                    sequence = raw.seq + 1
+                newest.extend(reversed(window))
+                high, size = low - 1, size * 2
+            return newest[:limit], total
+
+        try:
+            return await aio_as_trio(read)()
+        except _NATS_ERRORS as error:
+            raise NatsUnavailable(f"cannot read the stream: {error or type(error).__name__}") from error
 
     async def ack_batch(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge ``deliveries`` in one bridge crossing."""

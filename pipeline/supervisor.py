@@ -7,6 +7,7 @@ import trio
 
 from actors.acknowledger import Acknowledger
 from actors.ingress import Ingress, PublishRequest
+from actors.stats import ForwardOutcome, StatsCollector
 from actors.subscriber import Subscriber
 from pipeline.config import Config
 from pipeline.embedded_nats import EmbeddedNats
@@ -22,6 +23,8 @@ log = structlog.get_logger(component="supervisor")
 PUBLISH_QUEUE_SIZE = 1024
 # Deliveries waiting to be acked: many batches' worth, so forwarders rarely wait.
 ACK_QUEUE_SIZE = 4096
+# Outcomes waiting to be recorded: recording is cheap, so this only absorbs bursts.
+OUTCOME_QUEUE_SIZE = 4096
 
 
 async def run_service(
@@ -49,11 +52,19 @@ async def run_service(
             routes = open_routes(config.endpoints_by_domain())
             publish_send, publish_receive = trio.open_memory_channel[PublishRequest](PUBLISH_QUEUE_SIZE)
             acks_send, acks_receive = trio.open_memory_channel[Delivery](ACK_QUEUE_SIZE)
+            outcomes_send, outcomes_receive = trio.open_memory_channel[ForwardOutcome](OUTCOME_QUEUE_SIZE)
+            stats = StatsCollector(
+                outcomes_receive,
+                max_per_domain=config.stats.max_events_per_domain,
+                max_domains=config.stats.max_domains,
+            )
+            subscriber = Subscriber(jetstream, routes, acks_send, outcomes_send, config, stopping)
             async with trio.open_nursery() as actors:
+                await actors.start(stats.run)
                 await actors.start(Acknowledger(jetstream, acks_receive).run)
-                await actors.start(Subscriber(jetstream, routes, acks_send, config, stopping).run)
+                await actors.start(subscriber.run)
                 await actors.start(Ingress(jetstream, publish_receive, routes).run)
-                app = create_app(config, jetstream, publish_send)
+                app = create_app(config, jetstream, publish_send, stats, subscriber)
                 binds = await actors.start(_serve_until_stopped, app, config, stopping, publish_send)
                 log.info("Service ready", listening=binds, routes=len(config.routes), nats=url)
                 task_status.started(binds)

@@ -10,9 +10,12 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from actors.ingress import PublishRequest
+from actors.stats import StatsCollector
+from actors.subscriber import Subscriber
 from pipeline.config import Config
 from pipeline.events import InvalidEvent, parse_event
 from pipeline.nats_bridge import JetStream
+from web.api import register_api
 
 # Content types a PBX may plausibly send JSON with; curl's -d default
 # (x-www-form-urlencoded) included, since that is how people try it out.
@@ -29,6 +32,8 @@ def create_app(
     config: Config,
     jetstream: JetStream,
     publish_requests: trio.MemorySendChannel[PublishRequest],
+    stats: StatsCollector,
+    subscriber: Subscriber,
 ) -> QuartTrio:
     """Build the app around the running pipeline's pieces (no module-level state)."""
     app = QuartTrio(__name__)
@@ -79,6 +84,8 @@ def create_app(
         if jetstream.connected.value:
             return {"status": "ok", "nats": "connected"}, 200
         return {"status": "unavailable", "nats": "disconnected", "reason": "not connected to NATS"}, 503
+
+    register_api(app, stats=stats, subscriber=subscriber, jetstream=jetstream)
 
     @app.after_request
     async def no_cache(response: Response) -> Response:

@@ -1,0 +1,192 @@
+"""The stats collector actor: one outcome per forwarding attempt in, a bounded store and counters out."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import trio
+
+EventType = Literal["successful", "failed", "all"]
+
+
+def rfc3339(moment: datetime) -> str:
+    """``2026-01-04T10:00:00.123Z``: RFC 3339 in UTC, as the API shows every time."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardOutcome:
+    """What one forwarding attempt of one event came to."""
+
+    domain: str
+    fields: dict[str, Any]  # call_id, direction, state, status, event_id: see pipeline.events.describe
+    body: bytes  # the event as forwarded (JSON), parsed only when someone asks for it
+    delivery_attempt: int
+    max_deliveries: int
+    at: datetime
+    errors: dict[str, str] | None = None  # endpoint → what went wrong; None: every endpoint answered 2xx
+
+    @property
+    def succeeded(self) -> bool:
+        return self.errors is None
+
+    @property
+    def will_retry(self) -> bool:
+        return not self.succeeded and self.delivery_attempt < self.max_deliveries
+
+    def as_record(self) -> dict[str, Any]:
+        record = {
+            "call_id": self.fields.get("call_id"),
+            "domain": self.domain,
+            "direction": self.fields.get("direction"),
+            "state": self.fields.get("state"),
+            "status": self.fields.get("status"),
+            "event_id": self.fields.get("event_id"),
+        }
+        if self.errors is None:
+            record["forwarded_at"] = rfc3339(self.at)
+            record["delivery_attempt"] = self.delivery_attempt
+        else:
+            record["failed_at"] = rfc3339(self.at)
+            record["error"] = "; ".join(f"{endpoint}: {error}" for endpoint, error in self.errors.items())
+            record["errors"] = self.errors
+            record["delivery_attempt"] = self.delivery_attempt
+            record["max_deliveries"] = self.max_deliveries
+            record["will_retry"] = self.will_retry
+        record["event"] = json.loads(self.body)
+        return record
+
+
+@dataclass(slots=True)
+class DomainCounters:
+    successful: int = 0
+    failed: int = 0
+    retries: int = 0
+    given_up: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "total_successful": self.successful,
+            "total_failed": self.failed,
+            "retry_count": self.retries,
+            "given_up": self.given_up,
+        }
+
+
+@dataclass(slots=True)
+class _DomainStore:
+    successful: deque[ForwardOutcome]
+    failed: deque[ForwardOutcome]
+    counters: DomainCounters = field(default_factory=DomainCounters)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    total_successful: int
+    total_failed: int
+    retry_count: int
+    given_up: int
+    successful_domain_count: int
+    failed_domain_count: int
+    domains: dict[str, dict[str, int]]
+    stored_events: int
+    uptime_seconds: float
+
+
+class StatsCollector:
+    """Keeps the recent outcomes of forwarding, by domain, and exact counters.
+
+    In: ``ForwardOutcome`` from every forwarder (each holds a clone of the send
+    end), one per attempt. Out: answers to ``events()`` and ``statistics()``,
+    which the API calls on the trio thread. Memory is bounded: at most
+    ``max_per_domain`` successful and as many failed outcomes per domain, and
+    at most ``max_domains`` domains (the least recently active is dropped
+    first). The totals count every outcome, whatever the store has dropped.
+    A failed outcome is replaced by the success of a later attempt of the same
+    event. Returns when every forwarder has closed its end.
+    Back-pressure: the bounded inbox; recording is a few dictionary operations.
+    """
+
+    def __init__(
+        self, outcomes: trio.MemoryReceiveChannel[ForwardOutcome], *, max_per_domain: int, max_domains: int
+    ) -> None:
+        self._outcomes = outcomes
+        self._max_per_domain = max_per_domain
+        self._max_domains = max_domains
+        self._domains: OrderedDict[str, _DomainStore] = OrderedDict()
+        self._totals = DomainCounters()
+        self._started = time.monotonic()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        with self._outcomes:
+            async for outcome in self._outcomes:
+                self.record(outcome)
+
+    def record(self, outcome: ForwardOutcome) -> None:
+        store = self._domains.get(outcome.domain)
+        if store is None:
+            if len(self._domains) >= self._max_domains:
+                self._domains.popitem(last=False)
+            store = self._domains[outcome.domain] = _DomainStore(
+                deque(maxlen=self._max_per_domain), deque(maxlen=self._max_per_domain)
+            )
+        else:
+            self._domains.move_to_end(outcome.domain)
+        for counters in (self._totals, store.counters):
+            if outcome.delivery_attempt > 1:
+                counters.retries += 1
+            if outcome.succeeded:
+                counters.successful += 1
+            else:
+                counters.failed += 1
+                counters.given_up += not outcome.will_retry
+        if outcome.succeeded:
+            if outcome.delivery_attempt > 1:
+                event_id = outcome.fields.get("event_id")
+                kept = [failure for failure in store.failed if failure.fields.get("event_id") != event_id]
+                if len(kept) != len(store.failed):
+                    store.failed = deque(kept, maxlen=self._max_per_domain)
+            store.successful.appendleft(outcome)
+        else:
+            store.failed.appendleft(outcome)
+
+    def events(
+        self, kind: EventType = "all", domain: str | None = None, limit: int = 100
+    ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+        """Stored outcomes as the API shows them: by domain, newest first, ``limit`` per list."""
+        stores = self._domains.items() if domain is None else [(domain, self._domains.get(domain))]
+        successful: dict[str, list[dict[str, Any]]] = {}
+        failed: dict[str, list[dict[str, Any]]] = {}
+        for name, store in stores:
+            if store is None:
+                continue
+            if kind in ("successful", "all") and store.successful:
+                successful[name] = [outcome.as_record() for outcome in _first(store.successful, limit)]
+            if kind in ("failed", "all") and store.failed:
+                failed[name] = [outcome.as_record() for outcome in _first(store.failed, limit)]
+        return {"events_by_domain": successful, "failed_events_by_domain": failed}
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            total_successful=self._totals.successful,
+            total_failed=self._totals.failed,
+            retry_count=self._totals.retries,
+            given_up=self._totals.given_up,
+            # Domains listed by /api/events: a retried event that finally
+            # succeeded no longer makes its domain count as failed.
+            successful_domain_count=sum(1 for s in self._domains.values() if s.successful),
+            failed_domain_count=sum(1 for s in self._domains.values() if s.failed),
+            domains={name: store.counters.as_dict() for name, store in self._domains.items()},
+            stored_events=sum(len(s.successful) + len(s.failed) for s in self._domains.values()),
+            uptime_seconds=round(time.monotonic() - self._started, 3),
+        )
+
+
+def _first(outcomes: deque[ForwardOutcome], limit: int) -> list[ForwardOutcome]:
+    return [outcome for _, outcome in zip(range(limit), outcomes, strict=False)]
