@@ -103,15 +103,16 @@ class Forwarder:
             )
             await self._acks.send(delivery)
             return
-        fields = describe(event) | {"delivery_attempt": delivery.delivery_attempt}
+        fields = describe(event) | {"domain": self.domain, "delivery_attempt": delivery.delivery_attempt}
+        event_log = log.bind(**fields)
         endpoints = self._routes.value.get(self.domain)
         if not endpoints:
-            log.warning("Route removed; leaving event for redelivery", **fields)
+            event_log.warning("Route removed; leaving event for redelivery")
             return
         event["delivery_attempt"] = delivery.delivery_attempt
         body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json", "Idempotency-Key": str(event.get("event_id", ""))}
-        log.info("Forwarding event", **fields, endpoints=len(endpoints))
+        event_log.info("Forwarding event", endpoints=len(endpoints))
 
         results: list[EndpointResult] = []
 
@@ -135,24 +136,14 @@ class Forwarder:
         if not errors:
             await self._acks.send(delivery)
             await self._outcomes.send(outcome)
-            log.info("Event forwarded successfully", **fields, endpoints=len(endpoints))
+            # payload: the full event, for the domain's log file only (never stdout).
+            event_log.info("Event forwarded successfully", endpoints=len(endpoints), payload=event)
             return
         await self._outcomes.send(outcome)
-        will_retry = outcome.will_retry
-        log.warning(
-            "Failed to forward event",
-            **fields,
-            errors=errors,
-            max_deliveries=self._max_deliveries,
-            will_retry=will_retry,
-        )
-        if not will_retry:
-            log.error(
-                "Event given up after last delivery attempt",
-                **fields,
-                max_deliveries=self._max_deliveries,
-                errors=errors,
-            )
+        failure_log = event_log.bind(errors=errors, max_deliveries=self._max_deliveries)
+        failure_log.warning("Failed to forward event", will_retry=outcome.will_retry, payload=event)
+        if not outcome.will_retry:
+            failure_log.error("Event given up after last delivery attempt")
 
 
 async def _post(client: httpx.AsyncClient, endpoint: str, body: bytes, headers: dict[str, str]) -> str | None:

@@ -83,6 +83,7 @@ class Ingress:
             **event.fields,
             sequence=outcome.sequence,
             duplicate=outcome.duplicate,
+            payload=event.event,
         )
         if event.domain not in self._routes.value and event.domain not in self._warned_unrouted:
             if len(self._warned_unrouted) >= MAX_WARNED_DOMAINS:

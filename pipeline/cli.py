@@ -11,6 +11,7 @@ from typing import TextIO
 import structlog
 import trio
 
+from actors.log_writer import DomainLogRouter
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.embedded_nats import EmbeddedNatsError
 from pipeline.log_setup import LEVELS, configure_logging
@@ -81,16 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"telephony-forwarder: -log-file {args.log_file}: {error.strerror}", file=sys.stderr)
         return 2
-    configure_logging(args.log_level, output)
+    domain_router = DomainLogRouter() if args.domain_logging else None
+    configure_logging(args.log_level, output, domain_router)
     try:
-        trio.run(_run_until_signalled, config)
+        trio.run(_run_until_signalled, config, domain_router)
     except EmbeddedNatsError as error:
         print(f"telephony-forwarder: {error}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _run_until_signalled(config: Config) -> None:
+async def _run_until_signalled(config: Config, domain_router: DomainLogRouter | None) -> None:
     stopping = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -105,5 +107,5 @@ async def _run_until_signalled(config: Config) -> None:
                         nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_on_signal)
-            await run_service(config, stopping)
+            await run_service(config, stopping, domain_router=domain_router)
             nursery.cancel_scope.cancel()

@@ -98,6 +98,15 @@ class StatsConfig(_Section):
     max_domains: int = Field(100, ge=1, le=100_000)
 
 
+class LoggingConfig(_Section):
+    # Per-domain log files (on unless -domain-logging=false): logs/<domain>/<UTC day>.log
+    dir: Path = Path("logs")
+    max_file_size: ByteSize = ByteSize(500 * 1000**2)  # a day's file rolls to a numbered part at this size
+    max_backups: int = Field(30, ge=1)  # closed files kept per domain (days and parts)
+    max_age_days: int = Field(30, ge=1)  # files of older days are deleted
+    compress: bool = True  # gzip closed files
+
+
 def _http_url(url: HttpUrl) -> str:
     return str(url)
 
@@ -120,6 +129,7 @@ class Config(_Section):
     nats: NatsConfig = NatsConfig()
     forwarding: ForwardingConfig = ForwardingConfig()
     stats: StatsConfig = StatsConfig()
+    logging: LoggingConfig = LoggingConfig()
     routes: tuple[Route, ...] = ()
 
     @field_validator("routes")
@@ -171,7 +181,7 @@ def load_config(path: Path) -> Config:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (server, nats, forwarding, stats, routes)")
+        raise ConfigError(f"{path}: the top level must be a mapping (server, nats, forwarding, stats, logging, routes)")
     try:
         return Config.model_validate(raw)
     except ValidationError as error:

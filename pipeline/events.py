@@ -49,8 +49,9 @@ class AcceptedEvent:
 
     event_id: str
     domain: str
-    payload: bytes
+    payload: bytes  # what is stored: the event as JSON
     fields: dict[str, Any]  # what identifies it in logs: see describe()
+    event: dict[str, Any]  # the event as parsed, for the domain's log file
 
 
 def parse_event(body: bytes) -> AcceptedEvent:
@@ -74,7 +75,7 @@ def parse_event(body: bytes) -> AcceptedEvent:
     elif not isinstance(event_id, str) or not _EVENT_ID.fullmatch(event_id):
         raise InvalidEvent(f"event_id must be a string of 1-{MAX_EVENT_ID_LENGTH} printable characters without spaces")
     payload = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
-    return AcceptedEvent(event_id, domain, payload, describe(event))
+    return AcceptedEvent(event_id, domain, payload, describe(event) | {"domain": domain}, event)
 
 
 def domain_token(domain: str) -> str:
@@ -114,7 +115,10 @@ def consumer_name(domain: str) -> str:
 
 
 def describe(event: dict[str, Any]) -> dict[str, Any]:
-    """The fields that identify an event in logs and the operator's views."""
+    """The fields that identify an event in logs and the operator's views.
+
+    Callers replace ``domain`` with its normalized (lower-case) form.
+    """
     return {
         "event_id": event.get("event_id"),
         "call_id": event.get("call_id"),

@@ -7,6 +7,7 @@ import trio
 
 from actors.acknowledger import Acknowledger
 from actors.ingress import Ingress, PublishRequest
+from actors.log_writer import DomainLogFiles, DomainLogLine, DomainLogRouter, LogWriter
 from actors.stats import ForwardOutcome, StatsCollector
 from actors.subscriber import Subscriber
 from pipeline.config import Config
@@ -23,6 +24,9 @@ log = structlog.get_logger(component="supervisor")
 PUBLISH_QUEUE_SIZE = 1024
 # Deliveries waiting to be acked: many batches' worth, so forwarders rarely wait.
 ACK_QUEUE_SIZE = 4096
+# Log lines waiting to be written: a few seconds of a busy service, so a slow
+# disk does not make the router drop lines at once.
+LOG_QUEUE_SIZE = 16384
 # Outcomes waiting to be recorded: recording is cheap, so this only absorbs bursts.
 OUTCOME_QUEUE_SIZE = 4096
 
@@ -31,14 +35,41 @@ async def run_service(
     config: Config,
     stopping: trio.Event,
     *,
+    domain_router: DomainLogRouter | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the whole service until ``stopping`` is set, then shut down in order.
 
-    Reports the HTTP server's bound addresses once everything is ready.
-    Shutdown: the HTTP server stops accepting and finishes its requests; the
-    ingress publishes what it was given; the subscriber stops fetching and the
-    forwarders finish their in-flight events (bounded by the grace period);
+    Reports the HTTP server's bound addresses once everything is ready. With
+    ``domain_router`` (the structlog processor of per-domain logging) the log
+    writer runs first and stops last, so the records of the shutdown itself
+    reach the files.
+    """
+    if domain_router is None:
+        await _run_pipeline(config, stopping, None, task_status=task_status)
+        return
+    lines_send, lines_receive = trio.open_memory_channel[DomainLogLine](LOG_QUEUE_SIZE)
+    writer = LogWriter(lines_receive, DomainLogFiles(config.logging.dir, config.logging), domain_router)
+    async with trio.open_nursery() as logging:
+        await logging.start(writer.run)
+        with lines_send:
+            domain_router.attach(lines_send)
+            try:
+                await _run_pipeline(config, stopping, writer, task_status=task_status)
+            finally:
+                domain_router.attach(None)
+
+
+async def _run_pipeline(
+    config: Config,
+    stopping: trio.Event,
+    log_writer: LogWriter | None,
+    *,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    """Shutdown order: the HTTP server stops accepting and finishes its requests;
+    the ingress publishes what it was given; the subscriber stops fetching and
+    the forwarders finish their in-flight events (bounded by the grace period);
     the acknowledger sends the last acks; NATS is drained; the embedded server
     stops last.
     """
@@ -64,7 +95,14 @@ async def run_service(
                 await actors.start(Acknowledger(jetstream, acks_receive).run)
                 await actors.start(subscriber.run)
                 await actors.start(Ingress(jetstream, publish_receive, routes).run)
-                app = create_app(config, jetstream, publish_send, stats, subscriber)
+                app = create_app(
+                    config,
+                    jetstream=jetstream,
+                    publish_requests=publish_send,
+                    stats=stats,
+                    subscriber=subscriber,
+                    log_writer=log_writer,
+                )
                 binds = await actors.start(_serve_until_stopped, app, config, stopping, publish_send)
                 log.info("Service ready", listening=binds, routes=len(config.routes), nats=url)
                 task_status.started(binds)

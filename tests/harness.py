@@ -11,6 +11,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from trio_util import AsyncValue
 
+from actors.log_writer import DomainLogRouter
 from pipeline.config import Config
 from pipeline.embedded_nats import EmbeddedNats
 from pipeline.supervisor import run_service
@@ -176,14 +178,29 @@ class RunningService:
 
 
 @asynccontextmanager
-async def running_service(config: Config) -> AsyncIterator[RunningService]:
+async def running_service(
+    config: Config, domain_router: DomainLogRouter | None = None
+) -> AsyncIterator[RunningService]:
     """Run the service in-process until the block ends, then shut it down gracefully."""
     stopping = trio.Event()
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(run_service, config, stopping)
+        binds = await nursery.start(partial(run_service, config, stopping, domain_router=domain_router))
         async with httpx.AsyncClient(timeout=10) as client:
             yield RunningService(binds[0], client, stopping)
         stopping.set()
+
+
+async def wait_for_api(service: RunningService, path: str, holds: Callable[[httpx.Response], bool]) -> httpx.Response:
+    """Poll ``path`` until ``holds(response)``, as an operator's probe would.
+
+    For state the service shows only through its API (health, counters); the
+    scenario's ``fail_after`` bounds the wait.
+    """
+    while True:
+        response = await service.client.get(f"{service.url}{path}")
+        if holds(response):
+            return response
+        await trio.sleep(0.05)
 
 
 def call_event(domain: str, call_id: str, **extra: Any) -> dict[str, Any]:

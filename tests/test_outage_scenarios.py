@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from tests.conftest import StartBackend
-from tests.harness import NatsServer, call_event, make_config, running_service
+from tests.harness import NatsServer, call_event, make_config, running_service, wait_for_api
 
 
 async def test_nats_outage_fails_posts_and_health_then_recovers(
@@ -19,7 +19,7 @@ async def test_nats_outage_fails_posts_and_health_then_recovers(
             await backend.wait_count(1)
 
             nats_server.stop()
-            health = await _wait_health(service, 503)
+            health = await wait_for_api(service, "/health", lambda r: r.status_code == 503)
             assert health.json()["nats"] == "disconnected"
             refused = await service.post_event(call_event("ok.vn", "during", event_id="during-1"))
             assert refused.status_code == 500
@@ -27,19 +27,10 @@ async def test_nats_outage_fails_posts_and_health_then_recovers(
             assert "not stored" in refused.json()["error"]
 
             await nursery.start(nats_server.run)
-            await _wait_health(service, 200)
+            await wait_for_api(service, "/health", lambda r: r.status_code == 200)
             # The client retries the refused event; it is stored and delivered,
             # and the consumer resumed without a restart of the service.
             assert (await service.post_event(call_event("ok.vn", "during", event_id="during-1"))).status_code == 202
             assert (await service.post_event(call_event("ok.vn", "after"))).status_code == 202
             await backend.wait_count(3)
     assert sorted(b["call_id"] for b in backend.bodies()) == ["after", "before", "during"]
-
-
-async def _wait_health(service, status: int):
-    # /health is what an operator's probe polls; the test polls it the same way.
-    while True:
-        response = await service.client.get(f"{service.url}/health")
-        if response.status_code == status:
-            return response
-        await trio.sleep(0.05)

@@ -7,17 +7,7 @@ from datetime import datetime
 import trio
 
 from tests.conftest import StartBackend
-from tests.harness import RunningService, call_event, make_config, running_service
-
-
-async def _wait_stats(service: RunningService, **expected: int) -> dict:
-    # The API is what an operator polls; the test polls it the same way until
-    # the outcomes have been recorded.
-    while True:
-        stats = (await service.client.get(f"{service.url}/api/stats")).json()
-        if all(stats[key] == value for key, value in expected.items()):
-            return stats
-        await trio.sleep(0.05)
+from tests.harness import RunningService, call_event, make_config, running_service, wait_for_api
 
 
 async def _get(service: RunningService, path: str, **params) -> dict:
@@ -37,7 +27,11 @@ async def test_api_shows_successes_retries_and_final_failures(nats_server, start
                 await service.post_event(call_event("ok.vn", f"ok-{n}"))
             await service.post_event(call_event("flaky.vn", "flaky-0"))
             await service.post_event(call_event("dead.vn", "dead-0"))
-            stats = await _wait_stats(service, total_successful=4, total_failed=4)
+            stats = (
+                await wait_for_api(
+                    service, "/api/stats", lambda r: (r.json()["total_successful"], r.json()["total_failed"]) == (4, 4)
+                )
+            ).json()
 
             everything = await _get(service, "/api/events")
             failed_only = await _get(service, "/api/events", type="failed")

@@ -1,20 +1,29 @@
-"""The operator's JSON API: /api/events, /api/stats, /api/stream/messages."""
+"""The operator's JSON API: /api/events, /api/stats, /api/stream/messages, /api/logs."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
+from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
+import trio
 from quart import request
 from quart_trio import QuartTrio
 
+from actors.log_writer import LogWriter
 from actors.stats import StatsCollector, rfc3339
 from actors.subscriber import Subscriber
+from pipeline.domain_logs import domain_directory, logged_domains, read_day
 from pipeline.events import InvalidEvent, domain_subject, normalize_domain, subject_domain
 from pipeline.nats_bridge import JetStream, NatsUnavailable
 
 MAX_LIMIT = 1000
+# /api/logs pages back at most this far (it keeps offset + limit records in memory).
+MAX_OFFSET = 100_000
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _EVENT_TYPES = ("successful", "failed", "all")
 
 
@@ -35,6 +44,32 @@ def _limit(default: int) -> int:
     return limit
 
 
+def _offset() -> int:
+    raw = request.args.get("offset", "0")
+    if not raw.isdigit() or int(raw) > MAX_OFFSET:
+        raise BadQuery(f"offset must be a whole number from 0 to {MAX_OFFSET}, got {raw!r}")
+    return int(raw)
+
+
+def _date() -> str:
+    raw = request.args.get("date")
+    if raw is None or raw == "":
+        return datetime.now(UTC).date().isoformat()
+    try:
+        if not _DATE.fullmatch(raw):
+            raise ValueError
+        return date.fromisoformat(raw).isoformat()
+    except ValueError:
+        raise BadQuery(f"date must be YYYY-MM-DD, got {raw!r}") from None
+
+
+def _event_type() -> str:
+    kind = request.args.get("type", "all")
+    if kind not in _EVENT_TYPES:
+        raise BadQuery(f"type must be one of {', '.join(_EVENT_TYPES)}, got {kind!r}")
+    return kind
+
+
 def _domain() -> str | None:
     raw = request.args.get("domain")
     if raw is None or raw == "":
@@ -45,17 +80,22 @@ def _domain() -> str | None:
         raise BadQuery(str(error)) from None
 
 
-def register_api(app: QuartTrio, *, stats: StatsCollector, subscriber: Subscriber, jetstream: JetStream) -> None:
+def register_api(
+    app: QuartTrio,
+    *,
+    stats: StatsCollector,
+    subscriber: Subscriber,
+    jetstream: JetStream,
+    log_writer: LogWriter | None,
+    logs_dir: Path,
+) -> None:
     @app.errorhandler(BadQuery)
     async def bad_query(error: BadQuery) -> tuple[dict[str, Any], int]:
         return {"status": "error", "error": str(error)}, 400
 
     @app.get("/api/events")
     async def events() -> dict[str, Any]:
-        kind = request.args.get("type", "all")
-        if kind not in _EVENT_TYPES:
-            raise BadQuery(f"type must be one of {', '.join(_EVENT_TYPES)}, got {kind!r}")
-        return stats.events(kind, _domain(), _limit(100))
+        return stats.events(_event_type(), _domain(), _limit(100))
 
     @app.get("/api/stats")
     async def statistics() -> dict[str, Any]:
@@ -64,7 +104,8 @@ def register_api(app: QuartTrio, *, stats: StatsCollector, subscriber: Subscribe
         for domain, in_flight in flows.in_flight_by_domain.items():
             if domain in store["domains"]:
                 store["domains"][domain]["in_flight"] = in_flight
-        return store | {"in_flight": flows.in_flight}
+        dropped = log_writer.health().dropped_lines if log_writer is not None else 0
+        return store | {"in_flight": flows.in_flight, "log_lines_dropped": dropped}
 
     @app.get("/api/stream/messages")
     async def stream_messages() -> tuple[dict[str, Any], int]:
@@ -88,6 +129,26 @@ def register_api(app: QuartTrio, *, stats: StatsCollector, subscriber: Subscribe
             ],
             "total": total,
         }, 200
+
+    async def list_logged_domains() -> dict[str, Any]:
+        domains = await trio.to_thread.run_sync(logged_domains, logs_dir)
+        return {"domains": [asdict(domain) for domain in domains]}
+
+    @app.get("/api/logs/domains")
+    async def logs_domains() -> dict[str, Any]:
+        return await list_logged_domains()
+
+    @app.get("/api/logs")
+    async def logs() -> tuple[dict[str, Any], int]:
+        requested = request.args.get("domain")
+        if not requested:
+            return await list_logged_domains(), 200
+        day, kind, offset, limit = _date(), _event_type(), _offset(), _limit(100)
+        directory = await trio.to_thread.run_sync(domain_directory, logs_dir, requested)
+        if directory is None:
+            return {"status": "error", "error": f"no log files for domain {requested!r}"}, 404
+        page = await trio.to_thread.run_sync(lambda: read_day(directory, day, kind=kind, offset=offset, limit=limit))
+        return page | {"domain": directory.name, "date": day}, 200
 
 
 def _parsed(data: bytes) -> Any:

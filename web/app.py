@@ -10,6 +10,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from actors.ingress import PublishRequest
+from actors.log_writer import LogWriter
 from actors.stats import StatsCollector
 from actors.subscriber import Subscriber
 from pipeline.config import Config
@@ -30,10 +31,12 @@ def _error(status: int, message: str, **extra: Any) -> tuple[dict[str, Any], int
 
 def create_app(
     config: Config,
+    *,
     jetstream: JetStream,
     publish_requests: trio.MemorySendChannel[PublishRequest],
     stats: StatsCollector,
     subscriber: Subscriber,
+    log_writer: LogWriter | None,
 ) -> QuartTrio:
     """Build the app around the running pipeline's pieces (no module-level state)."""
     app = QuartTrio(__name__)
@@ -81,11 +84,17 @@ def create_app(
 
     @app.get("/health")
     async def health() -> tuple[dict[str, Any], int]:
-        if jetstream.connected.value:
-            return {"status": "ok", "nats": "connected"}, 200
-        return {"status": "unavailable", "nats": "disconnected", "reason": "not connected to NATS"}, 503
+        if not jetstream.connected.value:
+            return {"status": "unavailable", "nats": "disconnected", "reason": "not connected to NATS"}, 503
+        failing = log_writer.health().failing if log_writer is not None else None
+        if failing is not None:
+            # Forwarding goes on; only the domain log files are not being written.
+            return {"status": "degraded", "nats": "connected", "reason": f"domain logs not written: {failing}"}, 200
+        return {"status": "ok", "nats": "connected"}, 200
 
-    register_api(app, stats=stats, subscriber=subscriber, jetstream=jetstream)
+    register_api(
+        app, stats=stats, subscriber=subscriber, jetstream=jetstream, log_writer=log_writer, logs_dir=config.logging.dir
+    )
 
     @app.after_request
     async def no_cache(response: Response) -> Response:

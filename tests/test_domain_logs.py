@@ -1,0 +1,156 @@
+"""Unit tests: domain sanitization, and the log files' rolling, retention and reading."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from actors.log_writer import DomainLogFiles, DomainLogLine
+from pipeline.config import LoggingConfig
+from pipeline.domain_logs import domain_directory, log_files, logged_domains, read_day, sanitize_domain
+from pipeline.events import InvalidEvent
+
+
+def test_sanitize_keeps_the_familiar_form():
+    assert sanitize_domain("example.com") == "example_com"
+    assert sanitize_domain("VietAnh.CloudGo.VN") == "vietanh_cloudgo_vn"
+
+
+@pytest.mark.parametrize(
+    "hostile", ["", "..", "../etc", "a/b", "a\\b", "a\0b", "/abs", "a b", "ü.vn", "a" * 254, ".", "~"]
+)
+def test_sanitize_rejects_what_could_escape_or_is_not_a_domain(hostile: str):
+    if hostile in ("..", "."):
+        # Valid host-like characters, but they must still become a safe name.
+        name = sanitize_domain(hostile)
+        assert name not in (".", "..") and not name.startswith(".") and "/" not in name
+        return
+    with pytest.raises(InvalidEvent):
+        sanitize_domain(hostile)
+
+
+def test_distinct_domains_never_share_a_directory():
+    domains = ["a.b.vn", "a_b.vn", "a_b_vn", "a.b_vn", "a-b.vn", "ab.vn", "a__b.vn", "a._b.vn", "a_.b.vn"]
+    names = [sanitize_domain(d) for d in domains]
+    assert len(set(names)) == len(domains)
+    for name in names:
+        assert "/" not in name and not name.startswith(".") and len(name) <= 255
+
+
+def line(domain: str, day: str, number: int, msg: str = "Event forwarded successfully", **extra) -> DomainLogLine:
+    record = {
+        "msg": msg,
+        "domain": domain,
+        "event_id": f"e-{number}",
+        "call_id": f"c-{number}",
+        "timestamp": f"{day}T10:00:00.000000Z",
+        "delivery_attempt": 1,
+        "payload": {"n": number},
+        **extra,
+    }
+    return DomainLogLine(domain, day, json.dumps(record).encode() + b"\n")
+
+
+def all_lines(directory: Path, day: str) -> list[int]:
+    numbers = []
+    for log_file in log_files(directory):
+        if log_file.day == day:
+            opener = gzip.open if log_file.compressed else open
+            with opener(log_file.path, "rb") as lines:
+                numbers += [json.loads(raw)["payload"]["n"] for raw in lines]
+    return numbers
+
+
+def test_files_roll_by_size_and_day_without_dropping_or_repeating_lines(tmp_path: Path):
+    files = DomainLogFiles(tmp_path, LoggingConfig(max_file_size=1000, max_backups=30, max_age_days=30))
+    files.write([line("ok.vn", "2026-01-04", n) for n in range(40)])
+    files.write([line("ok.vn", "2026-01-04", n) for n in range(40, 60)])
+    directory = tmp_path / "ok_vn"
+    names = sorted(p.name for p in directory.iterdir())
+    assert "2026-01-04.log" in names and "2026-01-04.1.log.gz" in names and ".domain" in names
+    assert all(p.stat().st_size <= 1000 for p in directory.glob("*.log"))
+    assert all_lines(directory, "2026-01-04") == list(range(60))
+
+    files.write([line("ok.vn", "2026-01-05", 60)])  # a new UTC day closes and compresses the old one
+    assert (directory / "2026-01-04.log.gz").exists() and not (directory / "2026-01-04.log").exists()
+    assert all_lines(directory, "2026-01-04") == list(range(60))
+    assert all_lines(directory, "2026-01-05") == [60]
+    files.close()
+
+
+def test_retention_deletes_old_days_and_keeps_at_most_max_backups(tmp_path: Path):
+    files = DomainLogFiles(tmp_path, LoggingConfig(max_file_size=10**6, max_backups=3, max_age_days=5))
+    for day in range(1, 9):
+        files.write([line("ok.vn", f"2026-01-{day:02d}", day)])
+    directory = tmp_path / "ok_vn"
+    # Closed days 05, 06, 07 kept (3 backups), 08 open.
+    assert sorted(f.day for f in log_files(directory)) == ["2026-01-05", "2026-01-06", "2026-01-07", "2026-01-08"]
+    files.write([line("ok.vn", "2026-01-20", 20)])  # days older than 5 days before the 20th go
+    assert sorted(f.day for f in log_files(directory)) == ["2026-01-20"]
+    files.close()
+
+
+def test_a_late_line_for_a_closed_day_keeps_the_days_order(tmp_path: Path):
+    files = DomainLogFiles(tmp_path, LoggingConfig())
+    files.write([line("ok.vn", "2026-01-04", 1), line("ok.vn", "2026-01-05", 2), line("ok.vn", "2026-01-04", 3)])
+    files.close()
+    assert all_lines(tmp_path / "ok_vn", "2026-01-04") == [1, 3]
+
+
+def test_read_day_pages_newest_first_over_plain_and_gzip_parts(tmp_path: Path):
+    files = DomainLogFiles(tmp_path, LoggingConfig(max_file_size=800))
+    records = []
+    for n in range(30):
+        if n % 3 == 0:
+            records.append(
+                line(
+                    "ok.vn",
+                    "2026-01-04",
+                    n,
+                    msg="Failed to forward event",
+                    errors={"u": "HTTP 500"},
+                    will_retry=True,
+                    max_deliveries=3,
+                    delivery_attempt=2,
+                )
+            )
+        else:
+            records.append(line("ok.vn", "2026-01-04", n))
+    records.append(line("ok.vn", "2026-01-04", 99, msg="Forwarding event"))
+    files.write(records)
+    files.close()
+    directory = tmp_path / "ok_vn"
+    assert any(f.compressed for f in log_files(directory)) and any(not f.compressed for f in log_files(directory))
+
+    page = read_day(directory, "2026-01-04", kind="all", offset=0, limit=5)
+    assert page["stats"] == {"total_successful": 20, "total_failed": 10, "retry_count": 10}
+    assert page["total"] == 30
+    newest = page["events_by_domain"]["ok.vn"] + page["failed_events_by_domain"]["ok.vn"]
+    assert sorted(r["event"]["n"] for r in newest) == [25, 26, 27, 28, 29]
+    failed = read_day(directory, "2026-01-04", kind="failed", offset=2, limit=3)["failed_events_by_domain"]["ok.vn"]
+    assert [r["event"]["n"] for r in failed] == [21, 18, 15]
+    assert failed[0]["error"] == "u: HTTP 500" and failed[0]["will_retry"] is True
+    assert read_day(directory, "2026-01-03", kind="all", offset=0, limit=5)["total"] == 0
+
+
+def test_domain_directory_never_leaves_the_root(tmp_path: Path):
+    (tmp_path / "logs" / "ok_vn").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    root = tmp_path / "logs"
+    assert domain_directory(root, "ok_vn") == root / "ok_vn"
+    assert domain_directory(root, "ok.vn") == root / "ok_vn"
+    for hostile in ["../secret", "..", "/etc", "ok_vn/..", "ok_vn/../../secret", "%2e%2e", ""]:
+        assert domain_directory(root, hostile) is None
+
+
+def test_logged_domains_lists_days_newest_first(tmp_path: Path):
+    files = DomainLogFiles(tmp_path, LoggingConfig())
+    files.write([line("a_b.vn", "2026-01-03", 1), line("a_b.vn", "2026-01-04", 2), line("ok.vn", "2026-01-04", 3)])
+    files.close()
+    listed = {d.domain: d for d in logged_domains(tmp_path)}
+    assert listed["a_b.vn"].dates == ["2026-01-04", "2026-01-03"]
+    assert listed["a_b.vn"].sanitized == sanitize_domain("a_b.vn")
+    assert listed["ok.vn"].sanitized == "ok_vn"

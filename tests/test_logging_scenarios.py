@@ -1,0 +1,155 @@
+"""Scenarios: per-domain log files written by the real pipeline and read back through /api/logs."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import structlog
+import trio
+
+from actors.log_writer import DomainLogRouter
+from pipeline.domain_logs import log_files
+from pipeline.log_setup import configure_logging
+from tests.conftest import StartBackend
+from tests.harness import call_event, make_config, running_service, wait_for_api
+
+
+@pytest.fixture
+def domain_router() -> Iterator[tuple[DomainLogRouter, io.StringIO]]:
+    """structlog as the CLI sets it up with -domain-logging; stdout captured."""
+    router, stdout = DomainLogRouter(), io.StringIO()
+    configure_logging("info", stdout, router, cache_loggers=False)
+    yield router, stdout
+    structlog.reset_defaults()
+
+
+async def test_forwarded_events_land_in_their_domains_files_and_come_back(
+    nats_server, start_backend: StartBackend, domain_router, tmp_path: Path
+):
+    router, stdout = domain_router
+    fine = await start_backend()
+    dead = await start_backend(lambda number, body: 503)
+    logs = tmp_path / "logs"
+    config = make_config(
+        nats_server.url,
+        {"vietanh.cloudgo.vn": [fine.url], "dead.vn": [dead.url]},
+        # Small files: the day's first parts roll over and are gzipped.
+        logging={"dir": str(logs), "max_file_size": 4000},
+    )
+    today = datetime.now(UTC).date().isoformat()
+    with trio.fail_after(60):
+        async with running_service(config, router) as service:
+            for n in range(12):
+                await service.post_event(call_event("vietanh.cloudgo.vn", f"vn-{n}"))
+            await service.post_event(call_event("dead.vn", "dead-0"))
+            await wait_for_api(
+                service, "/api/stats", lambda r: (r.json()["total_successful"], r.json()["total_failed"]) == (12, 3)
+            )
+        # Shut down: every record is on disk now. Read it back with a fresh service.
+        async with running_service(make_config(nats_server.url, {}, logging={"dir": str(logs)})) as service:
+            listing = (await service.client.get(f"{service.url}/api/logs/domains")).json()
+            page = (await service.client.get(f"{service.url}/api/logs", params={"domain": "vietanh_cloudgo_vn"})).json()
+            dead_page = (
+                await service.client.get(f"{service.url}/api/logs", params={"domain": "dead_vn", "date": today})
+            ).json()
+            limited = (
+                await service.client.get(f"{service.url}/api/logs", params={"domain": "vietanh_cloudgo_vn", "limit": 5})
+            ).json()
+
+    directory = logs / "vietanh_cloudgo_vn"
+    files = log_files(directory)
+    assert any(f.compressed for f in files) and any(not f.compressed for f in files)
+    assert {f.day for f in files} == {today}
+    lines = []
+    for log_file in files:
+        opener = gzip.open if log_file.compressed else open
+        with opener(log_file.path, "rb") as handle:
+            lines += [json.loads(raw) for raw in handle]
+    by_message: dict[str, list[dict]] = {}
+    for record in lines:
+        by_message.setdefault(record["msg"], []).append(record)
+    assert len(by_message["Event received and published"]) == 12
+    assert len(by_message["Forwarding event"]) == 12
+    assert len(by_message["Event forwarded successfully"]) == 12
+    forwarded = by_message["Event forwarded successfully"][0]
+    for key in ("call_id", "domain", "direction", "state", "status", "delivery_attempt", "event_id"):
+        assert forwarded[key] is not None, key
+    assert forwarded["payload"]["from_number"] == "0914315989"  # the full event stays in the domain's file
+    assert {r["domain"] for r in lines} == {"vietanh.cloudgo.vn"}
+
+    # stdout: no info record about an event, no phone number; the failures (warnings) are there.
+    printed = [json.loads(text) for text in stdout.getvalue().splitlines()]
+    assert not [p for p in printed if p.get("event_id") and p["level"] == "info"]
+    assert "0914315989" not in stdout.getvalue()
+    assert [p["msg"] for p in printed if p.get("domain") == "dead.vn" and p.get("event_id")].count(
+        "Failed to forward event"
+    ) == 3
+
+    assert {d["domain"]: d for d in listing["domains"]}["vietanh.cloudgo.vn"] == {
+        "domain": "vietanh.cloudgo.vn",
+        "sanitized": "vietanh_cloudgo_vn",
+        "dates": [today],
+    }
+    assert page["stats"] == {"total_successful": 12, "total_failed": 0, "retry_count": 0}
+    assert (
+        sorted(r["call_id"] for r in page["events_by_domain"]["vietanh.cloudgo.vn"])
+        == [f"vn-{n}" for n in sorted(range(12), key=str)]
+        or len(page["events_by_domain"]["vietanh.cloudgo.vn"]) == 12
+    )
+    assert len(limited["events_by_domain"]["vietanh.cloudgo.vn"]) == 5 and limited["total"] == 12
+    failures = dead_page["failed_events_by_domain"]["dead.vn"]
+    assert [(f["delivery_attempt"], f["will_retry"]) for f in failures] == [(3, False), (2, True), (1, True)]
+    assert failures[0]["error"] == f"{dead.url}: HTTP 503"
+    assert failures[0]["event"]["call_id"] == "dead-0"
+
+
+async def test_logs_api_refuses_bad_requests(nats_server, tmp_path: Path):
+    (tmp_path / "logs" / "ok_vn").mkdir(parents=True)
+    (tmp_path / "secret.log").write_text("nope")
+    config = make_config(nats_server.url, {}, logging={"dir": str(tmp_path / "logs")})
+    with trio.fail_after(30):
+        async with running_service(config) as service:
+            cases = {
+                "/api/logs?domain=ok_vn&date=2026-13-01": (400, "date must be YYYY-MM-DD"),
+                "/api/logs?domain=ok_vn&date=yesterday": (400, "date must be YYYY-MM-DD"),
+                "/api/logs?domain=ok_vn&offset=-1": (400, "offset must be a whole number"),
+                "/api/logs?domain=ok_vn&type=odd": (400, "type must be one of"),
+                "/api/logs?domain=nobody_vn": (404, "no log files for domain 'nobody_vn'"),
+                "/api/logs?domain=../secret": (404, "no log files for domain '../secret'"),
+                "/api/logs?domain=..%2F..%2Fetc": (404, "no log files for domain"),
+            }
+            for path, (status, reason) in cases.items():
+                response = await service.client.get(f"{service.url}{path}")
+                assert response.status_code == status, path
+                assert response.json()["error"].startswith(reason), path
+            empty = (await service.client.get(f"{service.url}/api/logs?domain=ok_vn")).json()
+            assert empty["total"] == 0 and empty["events_by_domain"] == {}
+            listing = (await service.client.get(f"{service.url}/api/logs")).json()
+            assert listing == {"domains": [{"domain": "ok.vn", "sanitized": "ok_vn", "dates": []}]}
+
+
+async def test_unwritable_log_directory_does_not_stop_forwarding(
+    nats_server, start_backend: StartBackend, domain_router, tmp_path: Path
+):
+    router, _ = domain_router
+    backend = await start_backend()
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the log directory should be")
+    config = make_config(nats_server.url, {"ok.vn": [backend.url]}, logging={"dir": str(blocker / "logs")})
+    with trio.fail_after(30):
+        async with running_service(config, router) as service:
+            for n in range(5):
+                assert (await service.post_event(call_event("ok.vn", f"ok-{n}"))).status_code == 202
+            await backend.wait_count(5)
+            health = (await wait_for_api(service, "/health", lambda r: r.json()["status"] == "degraded")).json()
+            assert health["nats"] == "connected"
+            assert "domain logs not written" in health["reason"]
+            # Still forwarding after the failure was noticed.
+            assert (await service.post_event(call_event("ok.vn", "after"))).status_code == 202
+            await backend.wait_count(6)
