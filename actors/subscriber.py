@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from functools import partial
 
 import structlog
 import trio
+import trio_util
 from trio_util import AsyncValue
 
 from actors.forwarder import Forwarder
@@ -29,13 +32,17 @@ class SubscriberStatistics:
 class Subscriber:
     """Feeds each routed domain's forwarder from that domain's own consumer.
 
-    In: the routes. Out: ``Delivery`` to ``forwarder[domain]``, never more than
-    the forwarder has room for (its ``room`` semaphore counts free in-flight
-    slots; a fetch asks for exactly those), so no message waits in memory while
-    its ack_wait runs out, and a domain whose backend hangs stops fetching
-    while the others go on. Runs until ``stopping`` is set: then it stops
-    fetching, closes every forwarder's inbox, waits for them to finish their
-    in-flight events, and closes its acks and outcomes channels.
+    In: the routes, followed as they change. Out: ``Delivery`` to
+    ``forwarder[domain]``, never more than the forwarder has room for (its
+    ``room`` semaphore counts free in-flight slots; a fetch asks for exactly
+    those), so no message waits in memory while its ack_wait runs out, and a
+    domain whose backend hangs stops fetching while the others go on. A domain
+    that gains a route gets its consumer and forwarder at once (its waiting
+    events are then delivered); a domain that loses its route stops being
+    fetched, and its forwarder finishes its in-flight events and retires (its
+    undelivered events stay in the stream). Runs until ``stopping`` is set:
+    then it stops fetching, closes every forwarder's inbox, waits for them to
+    finish their in-flight events, and closes its acks and outcomes channels.
     """
 
     def __init__(
@@ -52,8 +59,13 @@ class Subscriber:
         self._acks = acks
         self._outcomes = outcomes
         self._forwarders: dict[str, Forwarder] = {}
+        self._retirements: dict[str, trio.Event] = {}  # routed domain → set when its route goes
         self._config = config
         self._stopping = stopping
+
+    def routes(self) -> Routes:
+        """The routes being followed."""
+        return self._routes.value
 
     def statistics(self) -> SubscriberStatistics:
         in_flight = {domain: forwarder.in_flight for domain, forwarder in self._forwarders.items()}
@@ -62,11 +74,21 @@ class Subscriber:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with self._acks, self._outcomes:
             async with trio.open_nursery() as nursery:
-                for domain in self._routes.value:
-                    await nursery.start(self._serve_domain, domain)
-                task_status.started()
+                while not self._stopping.is_set():
+                    routes = self._routes.value
+                    for domain in [d for d in self._retirements if d not in routes]:
+                        log.info("Route removed; retiring the domain's forwarder", domain=domain)
+                        self._retirements.pop(domain).set()
+                    for domain in [d for d in routes if d not in self._retirements]:
+                        retire = self._retirements[domain] = trio.Event()
+                        await nursery.start(self._serve_domain, domain, retire)
+                    task_status.started()
+                    task_status = trio.TASK_STATUS_IGNORED
+                    await trio_util.wait_any(
+                        self._stopping.wait, partial(self._routes.wait_value, partial(operator.is_not, routes))
+                    )
 
-    async def _serve_domain(self, domain: str, *, task_status: trio.TaskStatus[None]) -> None:
+    async def _serve_domain(self, domain: str, retire: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
         max_in_flight = self._config.forwarding.max_in_flight_per_domain
         room = trio.Semaphore(max_in_flight)
         send, receive = trio.open_memory_channel[Delivery](max_in_flight)
@@ -82,14 +104,19 @@ class Subscriber:
             grace_seconds=self._config.server.shutdown_grace_seconds,
         )
         self._forwarders[domain] = forwarder
-        async with trio.open_nursery() as nursery:
-            await nursery.start(forwarder.run)
-            with send:
-                async with trio.open_nursery() as fetching:
-                    fetching.start_soon(self._fetch_forever, domain, send, room)
-                    task_status.started()
-                    await self._stopping.wait()
-                    fetching.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(forwarder.run)
+                with send:
+                    async with trio.open_nursery() as fetching:
+                        fetching.start_soon(self._fetch_forever, domain, send, room)
+                        task_status.started()
+                        await trio_util.wait_any(self._stopping.wait, retire.wait)
+                        fetching.cancel_scope.cancel()
+        finally:
+            # A route that came back meanwhile has a forwarder of its own by now.
+            if self._forwarders.get(domain) is forwarder:
+                del self._forwarders[domain]
 
     async def _fetch_forever(
         self, domain: str, forwarder: trio.MemorySendChannel[Delivery], room: trio.Semaphore

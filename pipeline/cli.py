@@ -85,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     domain_router = DomainLogRouter() if args.domain_logging else None
     configure_logging(args.log_level, output, domain_router)
     try:
-        trio.run(_run_until_signalled, config, domain_router)
+        trio.run(_run_until_signalled, config, args.config, domain_router)
     except EmbeddedNatsError as error:
         print(f"telephony-forwarder: {error}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _run_until_signalled(config: Config, domain_router: DomainLogRouter | None) -> None:
+async def _run_until_signalled(config: Config, config_path: Path, domain_router: DomainLogRouter | None) -> None:
     stopping = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -107,5 +107,5 @@ async def _run_until_signalled(config: Config, domain_router: DomainLogRouter | 
                         nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_on_signal)
-            await run_service(config, stopping, domain_router=domain_router)
+            await run_service(config, stopping, config_path=config_path, domain_router=domain_router)
             nursery.cancel_scope.cancel()

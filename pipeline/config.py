@@ -30,6 +30,10 @@ class ConfigError(Exception):
     """A configuration file that cannot be used; ``str()`` is one line for the operator."""
 
 
+class ConfigUnreadable(ConfigError):
+    """The configuration file is missing or cannot be read (as opposed to invalid)."""
+
+
 class _Section(BaseModel):
     # A misspelt key is an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -168,9 +172,9 @@ def load_config(path: Path) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
+        raise ConfigUnreadable(f"{path}: file not found") from None
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+        raise ConfigUnreadable(f"{path}: cannot read: {error.strerror}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

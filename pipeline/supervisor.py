@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import structlog
 import trio
 
 from actors.acknowledger import Acknowledger
+from actors.config_watcher import ConfigWatcher, ReloadRequest
 from actors.ingress import Ingress, PublishRequest
 from actors.log_writer import DomainLogFiles, DomainLogLine, DomainLogRouter, LogWriter
 from actors.stats import ForwardOutcome, StatsCollector
@@ -27,6 +30,8 @@ ACK_QUEUE_SIZE = 4096
 # Log lines waiting to be written: a few seconds of a busy service, so a slow
 # disk does not make the router drop lines at once.
 LOG_QUEUE_SIZE = 16384
+# Reload requests from the API: one at a time is applied; a few may queue.
+RELOAD_QUEUE_SIZE = 8
 # Outcomes waiting to be recorded: recording is cheap, so this only absorbs bursts.
 OUTCOME_QUEUE_SIZE = 4096
 
@@ -35,18 +40,21 @@ async def run_service(
     config: Config,
     stopping: trio.Event,
     *,
+    config_path: Path | None = None,
     domain_router: DomainLogRouter | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the whole service until ``stopping`` is set, then shut down in order.
 
     Reports the HTTP server's bound addresses once everything is ready. With
+    ``config_path`` (the file ``config`` came from), routes follow that file's
+    changes and POST /api/config/reload. With
     ``domain_router`` (the structlog processor of per-domain logging) the log
     writer runs first and stops last, so the records of the shutdown itself
     reach the files.
     """
     if domain_router is None:
-        await _run_pipeline(config, stopping, None, task_status=task_status)
+        await _run_pipeline(config, config_path, stopping, None, task_status=task_status)
         return
     lines_send, lines_receive = trio.open_memory_channel[DomainLogLine](LOG_QUEUE_SIZE)
     writer = LogWriter(lines_receive, DomainLogFiles(config.logging.dir, config.logging), domain_router)
@@ -55,13 +63,14 @@ async def run_service(
         with lines_send:
             domain_router.attach(lines_send)
             try:
-                await _run_pipeline(config, stopping, writer, task_status=task_status)
+                await _run_pipeline(config, config_path, stopping, writer, task_status=task_status)
             finally:
                 domain_router.attach(None)
 
 
 async def _run_pipeline(
     config: Config,
+    config_path: Path | None,
     stopping: trio.Event,
     log_writer: LogWriter | None,
     *,
@@ -90,7 +99,13 @@ async def _run_pipeline(
                 max_domains=config.stats.max_domains,
             )
             subscriber = Subscriber(jetstream, routes, acks_send, outcomes_send, config, stopping)
+            reload_send, reload_receive = trio.open_memory_channel[ReloadRequest](RELOAD_QUEUE_SIZE)
+            watcher = None
+            if config_path is not None:
+                watcher = ConfigWatcher(config_path, config, routes, reload_receive, stopping)
             async with trio.open_nursery() as actors:
+                if watcher is not None:
+                    await actors.start(watcher.run)
                 await actors.start(stats.run)
                 await actors.start(Acknowledger(jetstream, acks_receive).run)
                 await actors.start(subscriber.run)
@@ -102,6 +117,8 @@ async def _run_pipeline(
                     stats=stats,
                     subscriber=subscriber,
                     log_writer=log_writer,
+                    config_watcher=watcher,
+                    reload_requests=reload_send,
                 )
                 binds = await actors.start(_serve_until_stopped, app, config, stopping, publish_send)
                 log.info("Service ready", listening=binds, routes=len(config.routes), nats=url)

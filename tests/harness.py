@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import trio
+import yaml
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from trio_util import AsyncValue
@@ -150,6 +151,15 @@ class NatsServer:
 
 def make_config(nats_url: str, routes: dict[str, list[str]], **sections: dict[str, Any]) -> Config:
     """A service config for tests: port 0, short timeouts, so redeliveries take a second or two."""
+    return Config.model_validate(config_dict(nats_url, routes, **sections))
+
+
+def write_config(path: Path, nats_url: str, routes: dict[str, list[str]], **sections: dict[str, Any]) -> None:
+    """``make_config``'s config as a YAML file, written in place."""
+    path.write_text(yaml.safe_dump(config_dict(nats_url, routes, **sections)))
+
+
+def config_dict(nats_url: str, routes: dict[str, list[str]], **sections: dict[str, Any]) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_seconds": 5},
         "nats": {
@@ -164,7 +174,7 @@ def make_config(nats_url: str, routes: dict[str, list[str]], **sections: dict[st
     }
     for section, values in sections.items():
         raw[section] = raw.get(section, {}) | values
-    return Config.model_validate(raw)
+    return raw
 
 
 @dataclass
@@ -179,12 +189,14 @@ class RunningService:
 
 @asynccontextmanager
 async def running_service(
-    config: Config, domain_router: DomainLogRouter | None = None
+    config: Config, domain_router: DomainLogRouter | None = None, config_path: Path | None = None
 ) -> AsyncIterator[RunningService]:
     """Run the service in-process until the block ends, then shut it down gracefully."""
     stopping = trio.Event()
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(run_service, config, stopping, domain_router=domain_router))
+        binds = await nursery.start(
+            partial(run_service, config, stopping, domain_router=domain_router, config_path=config_path)
+        )
         async with httpx.AsyncClient(timeout=10) as client:
             yield RunningService(binds[0], client, stopping)
         stopping.set()

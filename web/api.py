@@ -1,4 +1,4 @@
-"""The operator's JSON API: /api/events, /api/stats, /api/stream/messages, /api/logs."""
+"""The operator's JSON API: events, stats, the stream, the log files, and the routes."""
 
 from __future__ import annotations
 
@@ -13,14 +13,18 @@ import trio
 from quart import request
 from quart_trio import QuartTrio
 
+from actors.config_watcher import ConfigWatcher, ReloadRequest
 from actors.log_writer import LogWriter
 from actors.stats import StatsCollector, rfc3339
 from actors.subscriber import Subscriber
 from pipeline.domain_logs import domain_directory, logged_domains, read_day
 from pipeline.events import InvalidEvent, domain_subject, normalize_domain, subject_domain
 from pipeline.nats_bridge import JetStream, NatsUnavailable
+from pipeline.routes import Routes
 
 MAX_LIMIT = 1000
+# A reload reads and validates one small file; longer means the watcher is stuck or stopping.
+RELOAD_TIMEOUT_SECONDS = 10
 # /api/logs pages back at most this far (it keeps offset + limit records in memory).
 MAX_OFFSET = 100_000
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -88,6 +92,8 @@ def register_api(
     jetstream: JetStream,
     log_writer: LogWriter | None,
     logs_dir: Path,
+    config_watcher: ConfigWatcher | None,
+    reload_requests: trio.MemorySendChannel[ReloadRequest],
 ) -> None:
     @app.errorhandler(BadQuery)
     async def bad_query(error: BadQuery) -> tuple[dict[str, Any], int]:
@@ -149,6 +155,37 @@ def register_api(
             return {"status": "error", "error": f"no log files for domain {requested!r}"}, 404
         page = await trio.to_thread.run_sync(lambda: read_day(directory, day, kind=kind, offset=offset, limit=limit))
         return page | {"domain": directory.name, "date": day}, 200
+
+    @app.post("/api/config/reload")
+    async def reload_config() -> tuple[dict[str, Any], int]:
+        if config_watcher is None:
+            return {"status": "error", "message": "the service was started without a config file"}, 409
+        reload = ReloadRequest()
+        with trio.move_on_after(RELOAD_TIMEOUT_SECONDS):
+            await reload_requests.send(reload)
+            await reload.done.wait()
+        if reload.result is None:
+            return {"status": "error", "message": "the reload did not finish; try again"}, 503
+        if reload.result.status != 200:
+            return {"status": "error", "message": reload.result.message}, reload.result.status
+        return {"status": "success", "message": reload.result.message, "routes": reload.result.route_count}, 200
+
+    @app.get("/api/config/routes")
+    async def active_routes() -> dict[str, Any]:
+        if config_watcher is None:
+            routes = subscriber.routes()
+            return {"routes": _route_list(routes), "route_count": len(routes), "loaded_at": None, "config_file": None}
+        active = config_watcher.active
+        return {
+            "routes": _route_list(active.routes),
+            "route_count": len(active.routes),
+            "loaded_at": rfc3339(active.loaded_at),
+            "config_file": str(active.config_file),
+        }
+
+
+def _route_list(routes: Routes) -> list[dict[str, Any]]:
+    return [{"domain": domain, "endpoints": list(endpoints)} for domain, endpoints in sorted(routes.items())]
 
 
 def _parsed(data: bytes) -> Any:

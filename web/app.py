@@ -9,6 +9,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from actors.config_watcher import ConfigWatcher, ReloadRequest
 from actors.ingress import PublishRequest
 from actors.log_writer import LogWriter
 from actors.stats import StatsCollector
@@ -37,6 +38,8 @@ def create_app(
     stats: StatsCollector,
     subscriber: Subscriber,
     log_writer: LogWriter | None,
+    config_watcher: ConfigWatcher | None,
+    reload_requests: trio.MemorySendChannel[ReloadRequest],
 ) -> QuartTrio:
     """Build the app around the running pipeline's pieces (no module-level state)."""
     app = QuartTrio(__name__)
@@ -93,7 +96,14 @@ def create_app(
         return {"status": "ok", "nats": "connected"}, 200
 
     register_api(
-        app, stats=stats, subscriber=subscriber, jetstream=jetstream, log_writer=log_writer, logs_dir=config.logging.dir
+        app,
+        stats=stats,
+        subscriber=subscriber,
+        jetstream=jetstream,
+        log_writer=log_writer,
+        logs_dir=config.logging.dir,
+        config_watcher=config_watcher,
+        reload_requests=reload_requests,
     )
 
     @app.after_request

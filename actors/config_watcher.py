@@ -1,0 +1,137 @@
+"""The config watcher actor: file changes and reload requests in, new routes out."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+import trio
+import trio_util
+from trio_util import AsyncValue, periodic
+
+from pipeline.config import Config, ConfigError, ConfigUnreadable, load_config
+from pipeline.routes import Routes
+
+log = structlog.get_logger(component="config")
+
+# How often the file is read. A change is applied once two reads in a row agree,
+# so a file caught half-written is not applied: at most two intervals after the write.
+POLL_SECONDS = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    status: int  # 200 applied, 400 invalid, 500 unreadable: the API answers with it
+    message: str
+    route_count: int
+
+
+@dataclass(eq=False, slots=True)
+class ReloadRequest:
+    """A reload asked for through the API, waiting for its result."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    result: ReloadResult | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveRoutes:
+    routes: Routes
+    loaded_at: datetime
+    config_file: Path
+
+
+class ConfigWatcher:
+    """Keeps the routes in step with the config file, without a restart.
+
+    In: changes of the file at ``path`` (read every ``POLL_SECONDS``, so edits
+    in place, editors that rename a new file over the old one, and a file
+    deleted then recreated are all seen), and ``ReloadRequest`` from
+    POST /api/config/reload. Out: the new routes, swapped whole into
+    ``routes`` (readers see the old mapping or the new one, never a mix). The
+    file is validated exactly as at start; an invalid file leaves the old
+    routes active. Only ``routes`` is applied; other changed sections get a
+    warning that they need a restart. Reloads are serialised. Runs until
+    ``stopping`` is set.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        running: Config,
+        routes: AsyncValue[Routes],
+        requests: trio.MemoryReceiveChannel[ReloadRequest],
+        stopping: trio.Event,
+    ) -> None:
+        self._path = path
+        self._stopping = stopping
+        self._running = running
+        self._routes = routes
+        self._requests = requests
+        self._lock = trio.Lock()
+        self._applied_digest: bytes | None = None
+        self.active = ActiveRoutes(routes.value, datetime.now(UTC), path)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._applied_digest = await self._digest()
+        with self._requests:
+            task_status.started()
+            await trio_util.wait_any(self._watch, self._answer_requests, self._stopping.wait)
+
+    async def _digest(self) -> bytes | None:
+        try:
+            return hashlib.sha256(await trio.Path(self._path).read_bytes()).digest()
+        except OSError:
+            return None  # missing for now (deleted, about to be recreated): keep the old routes
+
+    async def _watch(self) -> None:
+        previous = self._applied_digest
+        async for _ in periodic(POLL_SECONDS):
+            current = await self._digest()
+            if current is not None and current == previous and current != self._applied_digest:
+                async with self._lock:
+                    result = await self._reload()
+                if result.status == 200:
+                    log.info("Config auto-reloaded successfully", route_count=result.route_count)
+                self._applied_digest = current  # an invalid version is reported once, not every poll
+            previous = current
+
+    async def _answer_requests(self) -> None:
+        async for request in self._requests:
+            async with self._lock:
+                request.result = await self._reload()
+                self._applied_digest = await self._digest()
+            request.done.set()
+            if request.result.status == 200:
+                log.info("Config reloaded on request", route_count=request.result.route_count)
+
+    async def _reload(self) -> ReloadResult:
+        try:
+            config = await trio.to_thread.run_sync(load_config, self._path)
+        except ConfigUnreadable as error:
+            log.error("Config reload failed; keeping the active routes", reason=str(error))
+            return ReloadResult(500, str(error), len(self.active.routes))
+        except ConfigError as error:
+            log.error("Config reload rejected; keeping the active routes", reason=str(error))
+            return ReloadResult(400, str(error), len(self.active.routes))
+        self._warn_about_unapplied(config)
+        routes = config.endpoints_by_domain()
+        self._routes.value = routes
+        self.active = ActiveRoutes(routes, datetime.now(UTC), self._path)
+        return ReloadResult(200, "Configuration reloaded successfully", len(routes))
+
+    def _warn_about_unapplied(self, config: Config) -> None:
+        changed = [
+            section
+            for section in type(config).model_fields
+            if section != "routes" and getattr(config, section) != getattr(self._running, section)
+        ]
+        if changed:
+            log.warning(
+                "Config changes outside routes are not applied until a restart",
+                sections=changed,
+                config_file=str(self._path),
+            )
