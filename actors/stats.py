@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import trio
+from trio_util import AsyncValue
 
 EventType = Literal["successful", "failed", "all"]
 
@@ -121,6 +122,8 @@ class StatsCollector:
         self._domains: OrderedDict[str, _DomainStore] = OrderedDict()
         self._totals = DomainCounters()
         self._started = time.monotonic()
+        # Outcomes recorded so far: the live dashboard waits on it to push changes.
+        self.recorded = AsyncValue(0)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -146,6 +149,7 @@ class StatsCollector:
             else:
                 counters.failed += 1
                 counters.given_up += not outcome.will_retry
+        self.recorded.value += 1
         if outcome.succeeded:
             if outcome.delivery_attempt > 1:
                 event_id = outcome.fields.get("event_id")

@@ -119,6 +119,7 @@ async def _run_pipeline(
                     log_writer=log_writer,
                     config_watcher=watcher,
                     reload_requests=reload_send,
+                    stopping=stopping,
                 )
                 binds = await actors.start(_serve_until_stopped, app, config, stopping, publish_send)
                 log.info("Service ready", listening=binds, routes=len(config.routes), nats=url)

@@ -105,13 +105,7 @@ def register_api(
 
     @app.get("/api/stats")
     async def statistics() -> dict[str, Any]:
-        store = asdict(stats.statistics())
-        flows = subscriber.statistics()
-        for domain, in_flight in flows.in_flight_by_domain.items():
-            if domain in store["domains"]:
-                store["domains"][domain]["in_flight"] = in_flight
-        dropped = log_writer.health().dropped_lines if log_writer is not None else 0
-        return store | {"in_flight": flows.in_flight, "log_lines_dropped": dropped}
+        return service_statistics(stats, subscriber, log_writer)
 
     @app.get("/api/stream/messages")
     async def stream_messages() -> tuple[dict[str, Any], int]:
@@ -182,6 +176,17 @@ def register_api(
             "loaded_at": rfc3339(active.loaded_at),
             "config_file": str(active.config_file),
         }
+
+
+def service_statistics(stats: StatsCollector, subscriber: Subscriber, log_writer: LogWriter | None) -> dict[str, Any]:
+    """The body of /api/stats (also pushed to the live dashboard)."""
+    store = asdict(stats.statistics())
+    flows = subscriber.statistics()
+    for domain, in_flight in flows.in_flight_by_domain.items():
+        if domain in store["domains"]:
+            store["domains"][domain]["in_flight"] = in_flight
+    dropped = log_writer.health().dropped_lines if log_writer is not None else 0
+    return store | {"in_flight": flows.in_flight, "log_lines_dropped": dropped}
 
 
 def _route_list(routes: Routes) -> list[dict[str, Any]]:

@@ -17,7 +17,8 @@ from actors.subscriber import Subscriber
 from pipeline.config import Config
 from pipeline.events import InvalidEvent, parse_event
 from pipeline.nats_bridge import JetStream
-from web.api import register_api
+from web.api import register_api, service_statistics
+from web.dashboard import register_dashboard
 
 # Content types a PBX may plausibly send JSON with; curl's -d default
 # (x-www-form-urlencoded) included, since that is how people try it out.
@@ -40,6 +41,7 @@ def create_app(
     log_writer: LogWriter | None,
     config_watcher: ConfigWatcher | None,
     reload_requests: trio.MemorySendChannel[ReloadRequest],
+    stopping: trio.Event,
 ) -> QuartTrio:
     """Build the app around the running pipeline's pieces (no module-level state)."""
     app = QuartTrio(__name__)
@@ -85,8 +87,7 @@ def create_app(
             answer["duplicate"] = True
         return answer, 202
 
-    @app.get("/health")
-    async def health() -> tuple[dict[str, Any], int]:
+    def health_report() -> tuple[dict[str, Any], int]:
         if not jetstream.connected.value:
             return {"status": "unavailable", "nats": "disconnected", "reason": "not connected to NATS"}, 503
         failing = log_writer.health().failing if log_writer is not None else None
@@ -94,6 +95,17 @@ def create_app(
             # Forwarding goes on; only the domain log files are not being written.
             return {"status": "degraded", "nats": "connected", "reason": f"domain logs not written: {failing}"}, 200
         return {"status": "ok", "nats": "connected"}, 200
+
+    @app.get("/health")
+    async def health() -> tuple[dict[str, Any], int]:
+        return health_report()
+
+    register_dashboard(
+        app,
+        stats=stats,
+        snapshot=lambda: service_statistics(stats, subscriber, log_writer) | {"health": health_report()[0]},
+        stopping=stopping,
+    )
 
     register_api(
         app,

@@ -1,0 +1,217 @@
+"""Browser tests: the dashboard in real headless Chromium against the real service.
+
+The service runs as the operator starts it (the console command, embedded
+NATS, domain logging on); webhooks go to real HTTP backends on loopback.
+Playwright drives Debian's chromium (/usr/bin/chromium), which .ci/run installs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.harness import free_port
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+# Chromium's own background connections would be refused by a closed network.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# Long enough for a redelivery cycle (ack_wait 2 s) on a loaded machine.
+UI_TIMEOUT_MS = 15_000
+
+
+class _Backend(BaseHTTPRequestHandler):
+    status = 200
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(self.status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class _FailingBackend(_Backend):
+    status = 503
+
+
+@dataclass
+class Service:
+    url: str
+    config: Path
+
+    def post(self, event: dict) -> dict:
+        request = urllib.request.Request(
+            f"{self.url}/events", data=json.dumps(event).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    work = tmp_path_factory.mktemp("dashboard")
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for handler in (_Backend, _FailingBackend)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    ok, failing = (f"http://127.0.0.1:{server.server_address[1]}/webhook" for server in servers)
+    port = free_port()
+    config = work / "config.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        f"nats: {{url: embedded, data_dir: '{work / 'nats'}', ack_wait_seconds: 2, max_deliveries: 3}}\n"
+        "forwarding: {timeout_seconds: 1}\n"
+        f"logging: {{dir: '{work / 'logs'}'}}\n"
+        f"routes:\n  - {{domain: vietanh.cloudgo.vn, endpoints: ['{ok}']}}\n"
+        f"  - {{domain: dead.example.vn, endpoints: ['{failing}']}}\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "-config", str(config)],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # the service says when it is ready
+            if '"Service ready"' in line:
+                break
+        else:
+            pytest.fail("the service exited before it was ready")
+        threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
+        yield Service(f"http://127.0.0.1:{port}", config)
+    finally:
+        process.terminate()
+        process.wait(30)
+        for server in servers:
+            server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium package (.ci/run does)")
+    # trio-asyncio (imported by the service's code) replaces asyncio's loop
+    # policy; playwright's sync API needs a plain asyncio loop of its own.
+    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, service: Service) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1366, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    page.goto(service.url)
+    yield page
+    context.close()
+
+
+def call(domain: str, call_id: str) -> dict:
+    return {"domain": domain, "call_id": call_id, "direction": "inbound", "state": "missed", "status": "busy-line"}
+
+
+def test_statistics_and_events_update_live_without_reload(page: Page, service: Service):
+    delivered = page.locator('[data-stat="total_successful"]')
+    expect(page.get_by_test_id("service-status")).to_have_text("NATS connected")
+    before = int(delivered.inner_text().replace(",", "") or 0) if delivered.inner_text() != "–" else 0
+    page.evaluate("window.__sameDocument = true")
+    for n in range(3):
+        service.post(call("vietanh.cloudgo.vn", f"live-{n}"))
+    expect(delivered).to_have_text(str(before + 3))
+    expect(page.locator('.card[data-call-id="live-2"]')).to_be_visible()
+    assert page.evaluate("window.__sameDocument") is True  # no reload happened
+
+
+def test_failed_event_shows_whether_it_will_be_retried(page: Page, service: Service):
+    service.post(call("dead.example.vn", "doomed"))
+    cards = page.locator('.card[data-call-id="doomed"]')
+    expect(cards.locator('[data-retry="will-retry"]').first).to_contain_text("attempt 1 of 3")
+    expect(cards.locator('[data-retry="given-up"]')).to_contain_text("Given up · attempt 3 of 3")
+    expect(cards.first.locator(".error-text")).to_contain_text("HTTP 503")
+
+
+def test_filters_narrow_the_list(page: Page, service: Service):
+    service.post(call("vietanh.cloudgo.vn", "filter-ok"))
+    service.post(call("dead.example.vn", "filter-bad"))
+    expect(page.locator('.card[data-call-id="filter-bad"]').first).to_be_visible()
+    expect(page.locator('.card[data-call-id="filter-ok"]')).to_be_visible()
+
+    page.get_by_test_id("domain-filter").select_option("vietanh.cloudgo.vn")
+    expect(page.locator('.domain-group[data-domain="dead.example.vn"]')).to_have_count(0)
+    expect(page.locator('.card[data-call-id="filter-ok"]')).to_be_visible()
+
+    page.get_by_test_id("domain-filter").select_option("")
+    page.get_by_test_id("type-filter").select_option("failed")
+    expect(page.locator('.card[data-kind="successful"]')).to_have_count(0)
+    expect(page.locator('.card[data-call-id="filter-bad"]').first).to_be_visible()
+
+
+def test_log_files_toggle_and_date_picker_show_history(page: Page, service: Service):
+    service.post(call("vietanh.cloudgo.vn", "history-1"))
+    expect(page.locator('.card[data-call-id="history-1"]')).to_be_visible()
+    expect(page.get_by_text("Đọc từ log files")).to_be_visible()  # the original label stays beside the English one
+
+    page.locator("label.switch").click()
+    expect(page.get_by_test_id("date-filter")).to_be_visible()
+    page.get_by_test_id("domain-filter").select_option(label="vietanh.cloudgo.vn")
+    dates = service.get("/api/logs/domains")["domains"]
+    [logged] = [d for d in dates if d["domain"] == "vietanh.cloudgo.vn"]
+    expect(page.get_by_test_id("date-filter").locator("option")).to_have_count(len(logged["dates"]))
+    assert page.get_by_test_id("date-filter").input_value() == logged["dates"][0]
+    expect(page.locator('.card[data-call-id="history-1"]')).to_be_visible()
+    expect(page.locator("#source-note")).to_have_text("History: read from the log files")
+
+
+def test_reload_button_reloads_and_shows_the_result(page: Page, service: Service):
+    expect(page.get_by_test_id("routes").locator("li")).to_have_count(2)
+    page.get_by_test_id("reload").click()
+    expect(page.get_by_test_id("reload-result")).to_have_text("Configuration reloaded successfully (2)")
+
+
+def test_vietnamese_switch(page: Page, service: Service):
+    page.get_by_role("button", name="VI").click()
+    expect(page.locator(".tile-label").first).to_have_text("Đã chuyển")
+    expect(page.get_by_test_id("service-status")).to_have_text("NATS đã kết nối")
+    page.reload()  # the choice is remembered
+    expect(page.locator(".tile-label").first).to_have_text("Đã chuyển")
+    page.get_by_role("button", name="EN").click()
+    expect(page.locator(".tile-label").first).to_have_text("Delivered")
+
+
+def test_phone_width_has_no_horizontal_scroll(browser: Browser, service: Service):
+    context = browser.new_context(viewport={"width": 390, "height": 800})
+    page = context.new_page()
+    page.goto(service.url)
+    expect(page.locator(".card").first).to_be_visible(timeout=UI_TIMEOUT_MS)
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    context.close()
