@@ -1,40 +1,58 @@
-"""A fast webhook sink for benchmarks: answers 200 to every POST and counts them.
+"""A fast webhook sink for benchmarks: raw asyncio HTTP/1.1, so it is never the bottleneck.
 
-Run: python bench/sink.py PORT — prints the running count to stdout once a second.
+Run: python bench/sink.py PORT [hang]
+Answers every POST with 200 (or, with ``hang``, never answers). Once a second it
+prints a JSON line: requests received, and the end-to-end latencies (ms) of the
+events received since the last line that carried ``sent_at`` (epoch seconds).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
-
-import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
-from tiny_asgi import answer_lifespan, read_body
+import time
 
 received = 0
+latencies: list[float] = []
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
 
-async def app(scope, receive, send) -> None:
+async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hang: bool) -> None:
     global received
-    if scope["type"] == "lifespan":
-        return await answer_lifespan(receive, send)
-    await read_body(receive)
-    received += 1
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
-    await send({"type": "http.response.body", "body": b""})
-
-
-async def main(port: int) -> None:
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve, app, config)
+    try:
         while True:
-            await trio.sleep(1)
-            print(received, flush=True)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            body = await reader.readexactly(length)
+            arrived = time.time()
+            received += 1
+            marker = body.find(b'"sent_at":')
+            if marker >= 0:
+                end = body.find(b",", marker)
+                end = body.find(b"}", marker) if end < 0 else end
+                latencies.append((arrived - float(body[marker + 10 : end])) * 1000)
+            if hang:
+                await asyncio.sleep(3600)
+            writer.write(RESPONSE)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def main(port: int, hang: bool) -> None:
+    server = await asyncio.start_server(lambda r, w: serve_connection(r, w, hang), "127.0.0.1", port, backlog=1024)
+    async with server:
+        while True:
+            await asyncio.sleep(1)
+            batch = latencies[:]
+            latencies.clear()
+            print(json.dumps({"at": time.time(), "received": received, "latencies_ms": batch}), flush=True)
 
 
 if __name__ == "__main__":
-    trio.run(main, int(sys.argv[1]))
+    asyncio.run(main(int(sys.argv[1]), len(sys.argv) > 2 and sys.argv[2] == "hang"))

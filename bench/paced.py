@@ -1,0 +1,73 @@
+"""A paced load generator: POSTs events at a fixed rate, each stamped with ``sent_at``.
+
+Run: python bench/paced.py URL RATE SECONDS DOMAIN[,DOMAIN…]
+Sends on a fixed schedule (not closed-loop: a slow answer does not slow the
+schedule) over a pool of keep-alive connections; prints one JSON line with
+what was sent, accepted and the POST latencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from threading import local
+
+_connections = local()
+
+
+def post(host: str, port: int, body: bytes) -> tuple[int, float]:
+    started = time.perf_counter()
+    connection = getattr(_connections, "connection", None)
+    if connection is None:
+        connection = _connections.connection = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        connection.request("POST", "/events", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        status = response.status
+    except OSError:
+        _connections.connection = None
+        status = 0
+    return status, (time.perf_counter() - started) * 1000
+
+
+async def main(url: str, rate: float, seconds: float, domains: list[str]) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(max_workers=64)
+    pending = []
+    start = time.monotonic()
+    total = int(rate * seconds)
+    for n in range(total):
+        await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
+        event = {
+            "call_id": f"bench-{n}",
+            "domain": domains[n % len(domains)],
+            "direction": "inbound",
+            "state": "missed",
+            "status": "busy-line",
+            "from_number": "0914315989",
+            "sent_at": time.time(),
+        }
+        pending.append(loop.run_in_executor(pool, post, host, int(port), json.dumps(event).encode()))
+    results = await asyncio.gather(*pending)
+    latencies = sorted(latency for _, latency in results)
+    print(
+        json.dumps(
+            {
+                "sent": total,
+                "accepted": sum(1 for status, _ in results if status == 202),
+                "elapsed_s": time.monotonic() - start,
+                "post_p50_ms": latencies[len(latencies) // 2],
+                "post_p99_ms": latencies[int(len(latencies) * 0.99)],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4].split(",")))
