@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -11,10 +12,10 @@ import structlog
 import trio
 from trio_util import AsyncValue
 
-from actors.stats import ForwardOutcome
+from actors.stats import ForwardOutcome, rfc3339
 from pipeline.config import ForwardingConfig
 from pipeline.events import describe
-from pipeline.nats_bridge import Delivery
+from pipeline.nats_bridge import Delivery, NatsUnavailable
 from pipeline.routes import Routes
 
 log = structlog.get_logger(component="forwarder")
@@ -35,8 +36,10 @@ class Forwarder:
     to the acknowledger, and one ``ForwardOutcome`` per attempt to the stats
     collector. Any other outcome is left unacked, so JetStream
     redelivers it after ack_wait, up to max_deliveries: there is no retry loop
-    here. Endpoints are read from the routes at each attempt, so a redelivery
-    goes to the endpoints configured now. Returns when the inbox is closed and
+    here. After the last failed attempt the event goes to the dead-letter
+    stream (with each endpoint's error) and only then is acked. Endpoints are
+    read from the routes at each attempt, so a redelivery goes to the
+    endpoints configured now. Returns when the inbox is closed and
     in-flight forwards have finished (or the grace period ran out); closes its
     acks and outcomes channels then.
     """
@@ -49,6 +52,7 @@ class Forwarder:
         outcomes: trio.MemorySendChannel[ForwardOutcome],
         room: trio.Semaphore,
         routes: AsyncValue[Routes],
+        dead_letter: Callable[[str, str, int, bytes], Awaitable[None]],
         config: ForwardingConfig,
         *,
         max_deliveries: int,
@@ -60,6 +64,7 @@ class Forwarder:
         self._outcomes = outcomes
         self._room = room
         self._routes = routes
+        self._dead_letter = dead_letter
         self._config = config
         self._max_deliveries = max_deliveries
         self._grace_seconds = grace_seconds
@@ -143,7 +148,31 @@ class Forwarder:
         failure_log = event_log.bind(errors=errors, max_deliveries=self._max_deliveries)
         failure_log.warning("Failed to forward event", will_retry=outcome.will_retry, payload=event)
         if not outcome.will_retry:
-            failure_log.error("Event given up after last delivery attempt")
+            await self._give_up(delivery, event, outcome, failure_log)
+
+    async def _give_up(
+        self, delivery: Delivery, event: dict, outcome: ForwardOutcome, failure_log: structlog.BoundLogger
+    ) -> None:
+        """The last attempt failed: keep the event as a dead letter, then let the stream forget it."""
+        envelope = {
+            "event_id": outcome.fields.get("event_id"),
+            "domain": self.domain,
+            "call_id": outcome.fields.get("call_id"),
+            "failed_at": rfc3339(outcome.at),
+            "delivery_attempts": delivery.delivery_attempt,
+            "errors": outcome.errors,
+            "event": event,
+        }
+        try:
+            await self._dead_letter(
+                self.domain, str(envelope["event_id"]), delivery.stream_sequence, json.dumps(envelope).encode()
+            )
+        except NatsUnavailable as error:
+            # Not acked: the event stays in the stream, visible in /api/stream/messages.
+            failure_log.error("Event given up; storing the dead letter failed", error=str(error))
+            return
+        await self._acks.send(delivery)
+        failure_log.error("Event given up after last delivery attempt; kept as a dead letter")
 
 
 async def _post(client: httpx.AsyncClient, endpoint: str, body: bytes, headers: dict[str, str]) -> str | None:

@@ -99,6 +99,7 @@ class Subscriber:
             self._outcomes.clone(),
             room,
             self._routes,
+            self._jetstream.dead_letter,
             self._config.forwarding,
             max_deliveries=self._config.nats.max_deliveries,
             grace_seconds=self._config.server.shutdown_grace_seconds,

@@ -57,6 +57,8 @@ class NatsConfig(_Section):
     # unrouted domains' events. Not forever: disks fill.
     max_age_days: float = Field(7.0, gt=0)
     max_bytes: ByteSize = ByteSize(10 * 1024**3)
+    # Events that used up max_deliveries are kept this long in the dead-letter stream.
+    dead_letter_max_age_days: float = Field(30.0, gt=0)
     # Window in which a repeated event_id (a client's retry) is stored once.
     duplicate_window_seconds: float = Field(120.0, gt=0)
     publish_timeout_seconds: float = Field(5.0, gt=0)

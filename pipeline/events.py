@@ -52,6 +52,8 @@ class AcceptedEvent:
     payload: bytes  # what is stored: the event as JSON
     fields: dict[str, Any]  # what identifies it in logs: see describe()
     event: dict[str, Any]  # the event as parsed, for the domain's log file
+    # Deduplication id when it must differ from event_id (a replay of a dead letter).
+    message_id: str | None = None
 
 
 def parse_event(body: bytes) -> AcceptedEvent:

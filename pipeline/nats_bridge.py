@@ -27,7 +27,7 @@ from trio_asyncio import aio_as_trio
 from trio_util import AsyncBool
 
 from pipeline.config import NatsConfig
-from pipeline.events import AcceptedEvent, consumer_name, domain_subject
+from pipeline.events import AcceptedEvent, consumer_name, domain_subject, domain_token
 
 log = structlog.get_logger(component="nats")
 
@@ -198,7 +198,7 @@ class JetStream:
         return self._js
 
     async def ensure_stream(self) -> None:
-        """Create the stream, or bring an existing one's limits up to the config."""
+        """Create the stream and its dead-letter stream, or bring existing ones' limits up to the config."""
         stream = api.StreamConfig(
             name=self.config.stream_name,
             subjects=[self.config.subject_pattern],
@@ -209,15 +209,26 @@ class JetStream:
             duplicate_window=self.config.duplicate_window_seconds,
         )
 
-        async def ensure() -> None:
-            try:
-                await self._context.stream_info(stream.name)
-            except nats.js.errors.NotFoundError:
-                await self._context.add_stream(stream)
-            else:
-                await self._context.update_stream(stream)
+        dead_letters = api.StreamConfig(
+            name=self.dead_letter_stream,
+            subjects=[f"dead-letters.{self.config.stream_name}.>"],
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS,
+            max_age=self.config.dead_letter_max_age_days * 86400,
+            max_bytes=int(self.config.max_bytes),
+            duplicate_window=self.config.duplicate_window_seconds,
+        )
 
-        await aio_as_trio(ensure)()
+        async def ensure(config: api.StreamConfig) -> None:
+            try:
+                await self._context.stream_info(config.name)
+            except nats.js.errors.NotFoundError:
+                await self._context.add_stream(config)
+            else:
+                await self._context.update_stream(config)
+
+        await aio_as_trio(ensure)(stream)
+        await aio_as_trio(ensure)(dead_letters)
 
     async def publish_batch(self, events: Sequence[AcceptedEvent]) -> list[PublishReceipt | Exception]:
         """Store ``events`` in one bridge crossing; one receipt or error per event, in order.
@@ -236,7 +247,7 @@ class JetStream:
                     self._context.publish(
                         domain_subject(pattern, event.domain),
                         event.payload,
-                        headers={"Nats-Msg-Id": event.event_id},
+                        headers={"Nats-Msg-Id": event.message_id or event.event_id},
                     )
                     for event in events
                 ),
@@ -249,22 +260,36 @@ class JetStream:
             for result in results
         ]
 
-    async def newest_messages(self, limit: int, subject: str | None = None) -> tuple[list[StoredMessage], int]:
+    @property
+    def dead_letter_stream(self) -> str:
+        return f"{self.config.stream_name}-dead-letters"
+
+    def dead_letter_subject(self, domain: str = "*", event_id: str | None = None) -> str:
+        """``dead-letters.<stream>.<domain token>.<event_id token>`` (wildcards where not given)."""
+        domain_part = domain if domain == "*" else domain_token(domain)
+        event_part = "*" if event_id is None else domain_token(event_id)
+        return f"dead-letters.{self.config.stream_name}.{domain_part}.{event_part}"
+
+    async def newest_messages(
+        self, limit: int, subject: str | None = None, *, dead_letters: bool = False
+    ) -> tuple[list[StoredMessage], int]:
         """The newest ``limit`` messages of the stream (of ``subject`` only, if given), newest first.
 
-        Also returns how many messages the stream holds (of that subject). Reads
+        ``dead_letters`` reads the dead-letter stream instead. Also returns how
+        many messages the stream holds (of that subject). Reads
         the stream directly, so delivery and acks are not disturbed. Walks back
         from the end in doubling windows, each read forward with next-by-subject
         lookups, so a sparse subject costs about as many requests as it has
         messages to show. One bridge crossing.
         """
-        name = self.config.stream_name
-        wanted_subject = subject or self.config.subject_pattern
+        name = self.dead_letter_stream if dead_letters else self.config.stream_name
+        every = self.dead_letter_subject() if dead_letters else self.config.subject_pattern
+        wanted_subject = subject or every
 
         async def read() -> tuple[list[StoredMessage], int]:
             info = await self._context.stream_info(name, subjects_filter=subject)
             state = info.state
-            total = state.messages if subject is None else (state.subjects or {}).get(subject, 0)
+            total = state.messages if subject is None else sum((state.subjects or {}).values())
             newest: list[StoredMessage] = []
             high, size = state.last_seq, max(2 * limit, 64)
             while total and high >= state.first_seq and len(newest) < limit:
@@ -288,6 +313,50 @@ class JetStream:
             return await aio_as_trio(read)()
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"cannot read the stream: {error or type(error).__name__}") from error
+
+    async def dead_letter(self, domain: str, event_id: str, stream_sequence: int, envelope: bytes) -> None:
+        """Store an event that used up its deliveries in the dead-letter stream.
+
+        Deduplicated by the stored message it came from, so a replayed event
+        that fails again becomes a new dead letter.
+        """
+
+        async def publish() -> None:
+            await self._context.publish(
+                self.dead_letter_subject(domain, event_id),
+                envelope,
+                headers={"Nats-Msg-Id": f"dead:{self.config.stream_name}:{stream_sequence}"},
+            )
+
+        try:
+            await aio_as_trio(publish)()
+        except _NATS_ERRORS as error:
+            raise NatsUnavailable(f"cannot store the dead letter: {error or type(error).__name__}") from error
+
+    async def find_dead_letter(self, event_id: str) -> StoredMessage | None:
+        """The dead letter of ``event_id``, if there is one."""
+
+        async def find() -> StoredMessage | None:
+            try:
+                raw = await self._context.get_msg(
+                    self.dead_letter_stream, seq=1, subject=self.dead_letter_subject("*", event_id), next=True
+                )
+            except nats.js.errors.NotFoundError:
+                return None
+            return StoredMessage(raw.subject or "", raw.seq or 0, raw.time, raw.data or b"")
+
+        try:
+            return await aio_as_trio(find)()
+        except _NATS_ERRORS as error:
+            raise NatsUnavailable(f"cannot read the dead letters: {error or type(error).__name__}") from error
+
+    async def delete_dead_letter(self, sequence: int) -> None:
+        try:
+            await aio_as_trio(self._context.delete_msg)(self.dead_letter_stream, sequence)
+        except nats.js.errors.NotFoundError:
+            pass  # already gone: deleting twice is not an error
+        except _NATS_ERRORS as error:
+            raise NatsUnavailable(f"cannot delete the dead letter: {error or type(error).__name__}") from error
 
     async def ack_batch(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge ``deliveries`` in one bridge crossing."""

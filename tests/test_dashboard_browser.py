@@ -215,3 +215,15 @@ def test_phone_width_has_no_horizontal_scroll(browser: Browser, service: Service
     expect(page.locator(".card").first).to_be_visible(timeout=UI_TIMEOUT_MS)
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     context.close()
+
+
+def test_dead_letter_is_listed_with_a_replay_button(page: Page, service: Service):
+    event_id = service.post(call("dead.example.vn", "to-replay"))["event_id"]
+    letter = page.locator(f'[data-testid="dead-letters"] li[data-event-id="{event_id}"]')
+    expect(letter).to_contain_text("to-replay · dead.example.vn")
+    expect(letter).to_contain_text("HTTP 503")
+    letter.get_by_role("button", name="Replay").click()
+    # Replayed: the event goes through its attempts again, so it leaves the list…
+    expect(letter).to_have_count(0)
+    # …and, its endpoint still failing, comes back as a dead letter after its new attempts.
+    expect(letter).to_have_count(1)

@@ -18,8 +18,8 @@ from actors.log_writer import LogWriter
 from actors.stats import StatsCollector, rfc3339
 from actors.subscriber import Subscriber
 from pipeline.domain_logs import domain_directory, logged_domains, read_day
-from pipeline.events import InvalidEvent, domain_subject, normalize_domain, subject_domain
-from pipeline.nats_bridge import JetStream, NatsUnavailable
+from pipeline.events import AcceptedEvent, InvalidEvent, describe, domain_subject, normalize_domain, subject_domain
+from pipeline.nats_bridge import JetStream, NatsUnavailable, StoredMessage
 from pipeline.routes import Routes
 
 MAX_LIMIT = 1000
@@ -149,6 +149,63 @@ def register_api(
             return {"status": "error", "error": f"no log files for domain {requested!r}"}, 404
         page = await trio.to_thread.run_sync(lambda: read_day(directory, day, kind=kind, offset=offset, limit=limit))
         return page | {"domain": directory.name, "date": day}, 200
+
+    @app.get("/api/dead-letters")
+    async def dead_letters() -> tuple[dict[str, Any], int]:
+        limit, domain = _limit(100), _domain()
+        subject = jetstream.dead_letter_subject(domain) if domain else None
+        try:
+            messages, total = await jetstream.newest_messages(limit, subject, dead_letters=True)
+        except NatsUnavailable as error:
+            return {"status": "error", "error": str(error)}, 503
+        letters = []
+        for message in messages:
+            letter = _parsed(message.data)
+            if isinstance(letter, dict):
+                letters.append(letter | {"sequence": message.sequence})
+        return {"dead_letters": letters, "total": total}, 200
+
+    async def find_dead_letter(event_id: str) -> tuple[StoredMessage | None, tuple[dict[str, Any], int] | None]:
+        try:
+            letter = await jetstream.find_dead_letter(event_id)
+        except NatsUnavailable as error:
+            return None, ({"status": "error", "error": str(error)}, 503)
+        if letter is None:
+            return None, ({"status": "error", "error": f"no dead letter for event_id {event_id!r}"}, 404)
+        return letter, None
+
+    @app.post("/api/dead-letters/<path:event_id>/replay")
+    async def replay_dead_letter(event_id: str) -> tuple[dict[str, Any], int]:
+        letter, failure = await find_dead_letter(event_id)
+        if letter is None:
+            return failure
+        envelope = json.loads(letter.data)
+        event = {key: value for key, value in envelope["event"].items() if key != "delivery_attempt"}
+        replayed = AcceptedEvent(
+            event_id=event_id,
+            domain=envelope["domain"],
+            payload=json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode(),
+            fields=describe(event) | {"domain": envelope["domain"]},
+            event=event,
+            # A fresh id per dead letter: the replay is not deduplicated away, a retried replay is.
+            message_id=f"replay:{event_id}:{letter.sequence}",
+        )
+        [outcome] = await jetstream.publish_batch([replayed])
+        if isinstance(outcome, Exception):
+            return {"status": "error", "error": f"not replayed: {outcome or type(outcome).__name__}"}, 503
+        await jetstream.delete_dead_letter(letter.sequence)
+        return {"status": "replayed", "event_id": event_id, "sequence": outcome.sequence}, 202
+
+    @app.delete("/api/dead-letters/<path:event_id>")
+    async def discard_dead_letter(event_id: str) -> tuple[dict[str, Any], int]:
+        letter, failure = await find_dead_letter(event_id)
+        if letter is None:
+            return failure
+        try:
+            await jetstream.delete_dead_letter(letter.sequence)
+        except NatsUnavailable as error:
+            return {"status": "error", "error": str(error)}, 503
+        return {"status": "deleted", "event_id": event_id}, 200
 
     @app.post("/api/config/reload")
     async def reload_config() -> tuple[dict[str, Any], int]:

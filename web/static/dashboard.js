@@ -21,6 +21,8 @@ const TEXT = {
     loadedAt: "Loaded", noRoutes: "No routes configured: events are stored and wait for a route.",
     attempt: "attempt {n} of {max}", attemptShort: "attempt {n}", willRetry: "Will retry", finalFailure: "Given up",
     delivered: "Delivered", payload: "Full event", events_n: "{n} events", shownOf: "showing {shown} of {total}",
+    deadLetters: "Dead letters", deadNote: "Events that failed every delivery attempt. Replay sends one again to its domain's endpoints.",
+    noDeadLetters: "None: every event was delivered or is still being retried.", replay: "Replay", discard: "Discard",
   },
   vi: {
     connecting: "Đang kết nối…", natsOk: "NATS đã kết nối", natsDown: "Mất kết nối NATS",
@@ -40,6 +42,8 @@ const TEXT = {
     loadedAt: "Nạp lúc", noRoutes: "Chưa có định tuyến: sự kiện được lưu và chờ định tuyến.",
     attempt: "lần {n}/{max}", attemptShort: "lần {n}", willRetry: "Sẽ thử lại", finalFailure: "Đã bỏ",
     delivered: "Đã chuyển", payload: "Toàn bộ sự kiện", events_n: "{n} sự kiện", shownOf: "hiển thị {shown}/{total}",
+    deadLetters: "Sự kiện thất bại", deadNote: "Sự kiện đã thất bại ở mọi lần gửi. Gửi lại sẽ chuyển sự kiện tới các endpoint của tên miền.",
+    noDeadLetters: "Không có: mọi sự kiện đã được chuyển hoặc đang được thử lại.", replay: "Gửi lại", discard: "Bỏ",
   },
 };
 
@@ -48,7 +52,7 @@ const state = {
   source: "live",          // "live" (memory) or "logs"
   domain: "", type: "all", date: "",
   stats: null, health: null, routes: [], logDomains: [],
-  lastChanges: -1, loading: false, pending: false,
+  lastChanges: -1, loading: false, pending: false, givenUp: -1, deadLetters: [],
 };
 
 const $ = (selector) => document.querySelector(selector);
@@ -90,6 +94,7 @@ function applyLanguage() {
   renderHealth();
   renderStats();
   renderRoutes();
+  renderDeadLetters();
   renderSourceNote();
   loadEvents();
 }
@@ -146,6 +151,10 @@ function connectLive() {
     renderHealth();
     renderStats();
     refreshDomainChoices();
+    if (update.given_up !== state.givenUp) {
+      state.givenUp = update.given_up;
+      loadDeadLetters();
+    }
     if (state.source === "live" && update.changes !== state.lastChanges) {
       state.lastChanges = update.changes;
       loadEvents();
@@ -326,6 +335,44 @@ async function reload() {
     button.disabled = false;
     button.textContent = t("reload");
   }
+}
+
+// ---------- dead letters ----------
+function renderDeadLetters() {
+  const list = $("#dead-letters");
+  $("#dead-count").textContent = String(state.deadLetters.length);
+  if (!state.deadLetters.length) {
+    list.replaceChildren(el("li", { className: "muted", text: t("noDeadLetters") }));
+    return;
+  }
+  list.replaceChildren(...state.deadLetters.map((letter) => {
+    const errors = Object.entries(letter.errors ?? {}).map(([endpoint, error]) => `${endpoint}: ${error}`).join("; ");
+    const act = (label, method, path) => {
+      const button = el("button", { type: "button", className: "button button-small", text: t(label) });
+      if (method === "DELETE") button.classList.add("button-quiet");
+      button.addEventListener("click", async () => {
+        button.disabled = true;
+        try { await getJSON(path, { method }); } catch { /* the list below shows what is left */ }
+        loadDeadLetters();
+      });
+      return button;
+    };
+    const id = encodeURIComponent(letter.event_id);
+    return el("li", { "data-event-id": letter.event_id },
+      el("div", { className: "route-domain", text: `${letter.call_id ?? letter.event_id} · ${letter.domain}` }),
+      el("div", { className: "error-text", text: errors }),
+      el("div", { className: "dead-actions" },
+        act("replay", "POST", `/api/dead-letters/${id}/replay`), act("discard", "DELETE", `/api/dead-letters/${id}`)));
+  }));
+}
+
+async function loadDeadLetters() {
+  try {
+    state.deadLetters = (await getJSON("/api/dead-letters?limit=50")).body.dead_letters ?? [];
+  } catch {
+    return; // the banner already says when the service or NATS is away
+  }
+  renderDeadLetters();
 }
 
 // ---------- wiring ----------

@@ -1,0 +1,62 @@
+"""Scenarios: events that use up their deliveries are kept, listed, replayed or discarded."""
+
+from __future__ import annotations
+
+import trio
+
+from tests.conftest import StartBackend
+from tests.harness import call_event, make_config, running_service, wait_for_api
+
+
+async def test_given_up_event_is_kept_and_can_be_replayed_or_discarded(nats_server, start_backend: StartBackend):
+    backend_up = {"value": False}
+    backend = await start_backend(lambda number, body: 200 if backend_up["value"] else 503)
+    config = make_config(nats_server.url, {"flaky.vn": [backend.url]})
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            first = (await service.post_event(call_event("flaky.vn", "lost-1"))).json()["event_id"]
+            second = (await service.post_event(call_event("flaky.vn", "lost-2"))).json()["event_id"]
+            letters = (
+                await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 2)
+            ).json()["dead_letters"]
+            by_id = {letter["event_id"]: letter for letter in letters}
+            assert by_id[first]["delivery_attempts"] == 3
+            assert by_id[first]["errors"] == {backend.url: "HTTP 503"}
+            assert by_id[first]["event"]["call_id"] == "lost-1"
+            assert by_id[first]["domain"] == "flaky.vn" and by_id[first]["failed_at"].endswith("Z")
+            domain_only = (await service.client.get(f"{service.url}/api/dead-letters?domain=flaky.vn")).json()
+            assert domain_only["total"] == 2
+            other = (await service.client.get(f"{service.url}/api/dead-letters?domain=other.vn")).json()
+            assert other == {"dead_letters": [], "total": 0}
+
+            backend_up["value"] = True
+            replay = await service.client.post(f"{service.url}/api/dead-letters/{first}/replay")
+            assert replay.status_code == 202 and replay.json()["status"] == "replayed"
+            await backend.wait_count(7)  # 3 + 3 failed attempts, then the replay
+            delivered = backend.received[-1].body
+            assert delivered["event_id"] == first and delivered["delivery_attempt"] == 1
+
+            discard = await service.client.delete(f"{service.url}/api/dead-letters/{second}")
+            assert discard.status_code == 200
+            again = await service.client.delete(f"{service.url}/api/dead-letters/{second}")
+            assert again.status_code == 404 and "no dead letter" in again.json()["error"]
+            missing = await service.client.post(f"{service.url}/api/dead-letters/nope/replay")
+            assert missing.status_code == 404
+            assert (await service.client.get(f"{service.url}/api/dead-letters")).json()["total"] == 0
+
+
+async def test_a_replayed_event_that_fails_again_is_a_dead_letter_again(nats_server, start_backend: StartBackend):
+    # Regression: dead letters were deduplicated by event_id, so a replay that
+    # failed again within the duplicate window was acked and silently dropped.
+    backend = await start_backend(lambda number, body: 503)
+    config = make_config(nats_server.url, {"down.vn": [backend.url]})
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            event_id = (await service.post_event(call_event("down.vn", "twice"))).json()["event_id"]
+            await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 1)
+            replay = await service.client.post(f"{service.url}/api/dead-letters/{event_id}/replay")
+            assert replay.status_code == 202
+            await backend.wait_count(6)
+            letters = await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 1)
+    assert letters.json()["dead_letters"][0]["event_id"] == event_id
+    assert backend.attempts_of("twice") == [1, 2, 3, 1, 2, 3]
