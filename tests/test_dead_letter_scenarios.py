@@ -16,9 +16,9 @@ async def test_given_up_event_is_kept_and_can_be_replayed_or_discarded(nats_serv
         async with running_service(config) as service:
             first = (await service.post_event(call_event("flaky.vn", "lost-1"))).json()["event_id"]
             second = (await service.post_event(call_event("flaky.vn", "lost-2"))).json()["event_id"]
-            letters = (
-                await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 2)
-            ).json()["dead_letters"]
+            letters = (await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 2)).json()[
+                "dead_letters"
+            ]
             by_id = {letter["event_id"]: letter for letter in letters}
             assert by_id[first]["delivery_attempts"] == 3
             assert by_id[first]["errors"] == {backend.url: "HTTP 503"}

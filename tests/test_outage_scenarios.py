@@ -34,3 +34,46 @@ async def test_nats_outage_fails_posts_and_health_then_recovers(
             assert (await service.post_event(call_event("ok.vn", "after"))).status_code == 202
             await backend.wait_count(3)
     assert sorted(b["call_id"] for b in backend.bodies()) == ["after", "before", "during"]
+
+
+async def test_broker_outage_mid_load_loses_no_accepted_event(
+    nats_server: NatsServer, start_backend: StartBackend, nursery: trio.Nursery
+):
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"load.vn": [backend.url]})
+    accepted: list[str] = []
+    refused: list[int] = []
+    with trio.fail_after(90):
+        async with running_service(config) as service:
+            numbers = iter(range(1500))
+            outage_done = trio.Event()
+
+            async def post_events() -> None:
+                for n in numbers:
+                    response = await service.post_event(call_event("load.vn", f"c-{n}", event_id=f"load-{n}"))
+                    if response.status_code == 202:
+                        accepted.append(f"load-{n}")
+                    else:
+                        refused.append(response.status_code)
+                    if n == 500:
+                        nats_server.stop()
+                        await wait_for_api(service, "/health", lambda r: r.status_code == 503)
+                        # Down: a POST is refused, never answered 202.
+                        down = await service.post_event(call_event("load.vn", "while-down"))
+                        assert down.status_code in (500, 503)
+                        await nursery.start(nats_server.run)
+                        outage_done.set()
+
+            async with trio.open_nursery() as posters:
+                for _ in range(8):
+                    posters.start_soon(post_events)
+            assert outage_done.is_set()
+            await backend.count.wait_value(lambda _: set(accepted) <= {b["event_id"] for b in backend.bodies()})
+    delivered = {b["event_id"] for b in backend.bodies()}
+    assert not set(accepted) - delivered  # lost = 0
+    assert "while-down" not in {b["call_id"] for b in backend.bodies()}
+    assert set(refused) <= {500, 503}
+    print(
+        f"broker outage: sent 1500, accepted {len(accepted)}, refused {len(refused)}, "
+        f"delivered {len(set(accepted) & delivered)}, duplicated {len(backend.bodies()) - len(delivered)}"
+    )
