@@ -16,7 +16,8 @@ from actors.stats import ForwardOutcome, rfc3339
 from pipeline.config import ForwardingConfig
 from pipeline.events import describe
 from pipeline.nats_bridge import Delivery, NatsUnavailable
-from pipeline.routes import Routes
+from pipeline.routes import Endpoint, Routes
+from pipeline.signing import signature_headers
 
 log = structlog.get_logger(component="forwarder")
 
@@ -116,13 +117,15 @@ class Forwarder:
             return
         event["delivery_attempt"] = delivery.delivery_attempt
         body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
-        headers = {"Content-Type": "application/json", "Idempotency-Key": str(event.get("event_id", ""))}
+        event_id = str(event.get("event_id", ""))
+        headers = {"Content-Type": "application/json", "Idempotency-Key": event_id}
         event_log.info("Forwarding event", endpoints=len(endpoints))
 
         results: list[EndpointResult] = []
 
-        async def post(endpoint: str) -> None:
-            results.append(EndpointResult(endpoint, await _post(client, endpoint, body, headers)))
+        async def post(endpoint: Endpoint) -> None:
+            signed = headers | signature_headers(endpoint.secret, event_id, body) if endpoint.secret else headers
+            results.append(EndpointResult(endpoint.url, await _post(client, endpoint.url, body, signed)))
 
         async with trio.open_nursery() as nursery:
             for endpoint in endpoints:

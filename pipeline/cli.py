@@ -12,6 +12,7 @@ import structlog
 import trio
 
 from actors.log_writer import DomainLogRouter
+from pipeline import receiver
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.embedded_nats import EmbeddedNatsError
 from pipeline.log_setup import LEVELS, configure_logging
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="telephony-forwarder",
         description="Accept call-signal events over HTTP, store them in NATS JetStream, "
-        "and forward each to every webhook endpoint of its domain.",
+        "and forward each to every webhook endpoint of its domain. "
+        "'telephony-forwarder receive --help': a webhook receiver for trying it out.",
         allow_abbrev=False,
     )
     parser.add_argument(
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["receive"]:
+        return receiver.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)

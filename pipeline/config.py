@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from pipeline.events import normalize_domain
+from pipeline.routes import Endpoint
 
 
 class ConfigError(Exception):
@@ -120,9 +121,22 @@ def _http_url(url: HttpUrl) -> str:
 EndpointUrl = Annotated[HttpUrl, AfterValidator(_http_url)]
 
 
+class EndpointConfig(_Section):
+    """An endpoint: its URL, written alone, or ``{url, secret}`` for signed requests."""
+
+    url: EndpointUrl
+    # Requests to this endpoint carry Standard Webhooks signatures made with it.
+    secret: str | None = Field(None, min_length=16)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_alone(cls, value: object) -> object:
+        return {"url": value} if isinstance(value, str) else value
+
+
 class Route(_Section):
     domain: str
-    endpoints: list[EndpointUrl] = Field(min_length=1)
+    endpoints: list[EndpointConfig] = Field(min_length=1)
 
     @field_validator("domain")
     @classmethod
@@ -158,8 +172,11 @@ class Config(_Section):
             )
         return self
 
-    def endpoints_by_domain(self) -> dict[str, tuple[str, ...]]:
-        return {route.domain: tuple(route.endpoints) for route in self.routes}
+    def endpoints_by_domain(self) -> dict[str, tuple[Endpoint, ...]]:
+        return {
+            route.domain: tuple(Endpoint(endpoint.url, endpoint.secret) for endpoint in route.endpoints)
+            for route in self.routes
+        }
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:

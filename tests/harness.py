@@ -56,6 +56,7 @@ class Backend:
     # When given, every request waits for it before answering.
     release: trio.Event | None = None
     received: list[ReceivedRequest] = field(default_factory=list)
+    raw_bodies: list[bytes] = field(default_factory=list)
     count: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
     completed: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
     url: str = ""
@@ -75,7 +76,9 @@ class Backend:
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
-        body = json.loads(b"".join(chunks))
+        raw = b"".join(chunks)
+        body = json.loads(raw)
+        self.raw_bodies.append(raw)
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         self.received.append(ReceivedRequest(scope["path"], headers, body))
         self.count.value += 1
@@ -149,17 +152,17 @@ class NatsServer:
         raise LookupError(f"no consumer {consumer} on stream {stream}")
 
 
-def make_config(nats_url: str, routes: dict[str, list[str]], **sections: dict[str, Any]) -> Config:
+def make_config(nats_url: str, routes: dict[str, list[Any]], **sections: dict[str, Any]) -> Config:
     """A service config for tests: port 0, short timeouts, so redeliveries take a second or two."""
     return Config.model_validate(config_dict(nats_url, routes, **sections))
 
 
-def write_config(path: Path, nats_url: str, routes: dict[str, list[str]], **sections: dict[str, Any]) -> None:
+def write_config(path: Path, nats_url: str, routes: dict[str, list[Any]], **sections: dict[str, Any]) -> None:
     """``make_config``'s config as a YAML file, written in place."""
     path.write_text(yaml.safe_dump(config_dict(nats_url, routes, **sections)))
 
 
-def config_dict(nats_url: str, routes: dict[str, list[str]], **sections: dict[str, Any]) -> dict[str, Any]:
+def config_dict(nats_url: str, routes: dict[str, list[Any]], **sections: dict[str, Any]) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_seconds": 5},
         "nats": {

@@ -46,7 +46,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         ),
         (
             "routes:\n  - domain: a.vn\n    endpoints: [ftp://files.example/x]\n",
-            "config.yaml: routes[0].endpoints[0]: URL scheme should be 'http' or 'https'",
+            "config.yaml: routes[0].endpoints[0].url: URL scheme should be 'http' or 'https'",
         ),
         (
             "routes:\n  - domain: a.vn\n    endpoints: []\n",

@@ -57,8 +57,8 @@ async def test_adding_a_domain_in_the_file_delivers_its_waiting_events(
     assert sorted(b["call_id"] for b in new.bodies()) == ["early-0", "early-1", "early-2", "late"]
     assert routes["route_count"] == 2 and routes["loaded_at"].endswith("Z")
     assert routes["routes"] == [
-        {"domain": "new.vn", "endpoints": [new.url]},
-        {"domain": "old.vn", "endpoints": [old.url]},
+        {"domain": "new.vn", "endpoints": [new.url], "signed_endpoints": []},
+        {"domain": "old.vn", "endpoints": [old.url], "signed_endpoints": []},
     ]
     assert routes["config_file"] == str(path)
 
@@ -119,7 +119,7 @@ async def test_invalid_file_keeps_the_old_routes(nats_server: NatsServer, start_
             response = await service.client.post(f"{service.url}/api/config/reload")
     assert response.status_code == 400
     assert response.json()["status"] == "error"
-    assert "routes[0].endpoints[0]: URL scheme should be 'http' or 'https'" in response.json()["message"]
+    assert "routes[0].endpoints[0].url: URL scheme should be 'http' or 'https'" in response.json()["message"]
     [rejection] = [x for x in logs if x["event"] == "Config reload rejected; keeping the active routes"][:1]
     assert str(path) in rejection["reason"]
 

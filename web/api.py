@@ -247,7 +247,14 @@ def service_statistics(stats: StatsCollector, subscriber: Subscriber, log_writer
 
 
 def _route_list(routes: Routes) -> list[dict[str, Any]]:
-    return [{"domain": domain, "endpoints": list(endpoints)} for domain, endpoints in sorted(routes.items())]
+    return [
+        {
+            "domain": domain,
+            "endpoints": [endpoint.url for endpoint in endpoints],
+            "signed_endpoints": [endpoint.url for endpoint in endpoints if endpoint.secret],
+        }
+        for domain, endpoints in sorted(routes.items())
+    ]
 
 
 def _parsed(data: bytes) -> Any:
