@@ -12,6 +12,7 @@ import trio
 import trio_util
 from trio_util import AsyncValue, periodic
 
+from pipeline.access import IngressAccess
 from pipeline.config import Config, ConfigError, ConfigUnreadable, load_config
 from pipeline.routes import Routes
 
@@ -20,6 +21,8 @@ log = structlog.get_logger(component="config")
 # How often the file is read. A change is applied once two reads in a row agree,
 # so a file caught half-written is not applied: at most two intervals after the write.
 POLL_SECONDS = 0.25
+# What a reload applies; every other section needs a restart.
+RELOADED_SECTIONS = ("routes", "ingress")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +54,11 @@ class ConfigWatcher:
     in place, editors that rename a new file over the old one, and a file
     deleted then recreated are all seen), and ``ReloadRequest`` from
     POST /api/config/reload. Out: the new routes, swapped whole into
-    ``routes`` (readers see the old mapping or the new one, never a mix). The
-    file is validated exactly as at start; an invalid file leaves the old
-    routes active. Only ``routes`` is applied; other changed sections get a
-    warning that they need a restart. Reloads are serialised. Runs until
+    ``routes`` (readers see the old mapping or the new one, never a mix), and
+    the ingress's API keys and rate limits into ``access``. The file is
+    validated exactly as at start; an invalid file leaves the old ones
+    active. Only ``routes`` and ``ingress`` are applied; other changed
+    sections get a warning that they need a restart. Reloads are serialised. Runs until
     ``stopping`` is set.
     """
 
@@ -63,6 +67,7 @@ class ConfigWatcher:
         path: Path,
         running: Config,
         routes: AsyncValue[Routes],
+        access: AsyncValue[IngressAccess],
         requests: trio.MemoryReceiveChannel[ReloadRequest],
         stopping: trio.Event,
     ) -> None:
@@ -70,6 +75,7 @@ class ConfigWatcher:
         self._stopping = stopping
         self._running = running
         self._routes = routes
+        self._access = access
         self._requests = requests
         self._lock = trio.Lock()
         self._applied_digest: bytes | None = None
@@ -119,6 +125,7 @@ class ConfigWatcher:
             return ReloadResult(400, str(error), len(self.active.routes))
         self._warn_about_unapplied(config)
         routes = config.endpoints_by_domain()
+        self._access.value = config.ingress_access()
         self._routes.value = routes
         self.active = ActiveRoutes(routes, datetime.now(UTC), self._path)
         return ReloadResult(200, "Configuration reloaded successfully", len(routes))
@@ -127,7 +134,7 @@ class ConfigWatcher:
         changed = [
             section
             for section in type(config).model_fields
-            if section != "routes" and getattr(config, section) != getattr(self._running, section)
+            if section not in RELOADED_SECTIONS and getattr(config, section) != getattr(self._running, section)
         ]
         if changed:
             log.warning(

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.access import ApiKey, IngressAccess
 from pipeline.events import normalize_domain
 from pipeline.routes import Endpoint
 
@@ -98,6 +99,38 @@ class ForwardingConfig(_Section):
     max_in_flight_per_domain: int = Field(64, ge=1, le=10_000)
 
 
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
+class ApiKeyConfig(_Section):
+    name: str = Field(min_length=1)
+    # SHA-256 of the key, hex: `printf %s KEY | sha256sum`. The key itself is never stored.
+    sha256: str = Field(pattern=_SHA256)
+    domains: tuple[str, ...] = Field(min_length=1)  # the domains it may post for; "*" for all
+
+    @field_validator("domains")
+    @classmethod
+    def _valid_domains(cls, domains: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(domain if domain == "*" else normalize_domain(domain) for domain in domains)
+
+
+class IngressConfig(_Section):
+    # With no keys the ingress is open to anyone (a loud warning says so at start).
+    api_keys: tuple[ApiKeyConfig, ...] = ()
+    # Per-domain token bucket for POST /events; 0 turns it off.
+    rate_limit_per_second: float = Field(500.0, ge=0)
+    rate_limit_burst: int = Field(1000, ge=1)
+
+
+class AdminConfig(_Section):
+    # SHA-256 (hex) of the password for the dashboard and /api/* (basic auth with
+    # any user name, or "Authorization: Bearer <password>"). Unset: open, with a warning.
+    password_sha256: str | None = Field(None, pattern=_SHA256)
+    # Serve the dashboard and /api/* on this host:port only (e.g. 127.0.0.1:8081),
+    # and only POST /events and /health on server.host:port.
+    listen: str | None = Field(None, pattern=r"^[^:\s]+:\d{1,5}$")
+
+
 class StatsConfig(_Section):
     # The in-memory store behind /api/events: recent outcomes per domain and type,
     # and how many domains are kept (the least recently active is dropped first).
@@ -150,6 +183,8 @@ class Config(_Section):
     forwarding: ForwardingConfig = ForwardingConfig()
     stats: StatsConfig = StatsConfig()
     logging: LoggingConfig = LoggingConfig()
+    ingress: IngressConfig = IngressConfig()
+    admin: AdminConfig = AdminConfig()
     routes: tuple[Route, ...] = ()
 
     @field_validator("routes")
@@ -171,6 +206,13 @@ class Config(_Section):
                 "or events are redelivered while still being forwarded"
             )
         return self
+
+    def ingress_access(self) -> IngressAccess:
+        return IngressAccess(
+            {key.sha256: ApiKey(key.name, frozenset(key.domains)) for key in self.ingress.api_keys},
+            rate_per_second=self.ingress.rate_limit_per_second,
+            burst=self.ingress.rate_limit_burst,
+        )
 
     def endpoints_by_domain(self) -> dict[str, tuple[Endpoint, ...]]:
         return {
@@ -204,7 +246,8 @@ def load_config(path: Path) -> Config:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (server, nats, forwarding, stats, logging, routes)")
+        sections = ", ".join(Config.model_fields)
+        raise ConfigError(f"{path}: the top level must be a mapping ({sections})")
     try:
         return Config.model_validate(raw)
     except ValidationError as error:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import structlog
 import trio
+from quart_trio import QuartTrio
+from trio_util import AsyncValue
 
 from actors.acknowledger import Acknowledger
 from actors.config_watcher import ConfigWatcher, ReloadRequest
@@ -90,6 +94,8 @@ async def _run_pipeline(
             url = config.nats.url
         async with open_jetstream(config.nats, url) as jetstream:
             routes = open_routes(config.endpoints_by_domain())
+            access = AsyncValue(config.ingress_access())
+            _warn_if_open(config)
             publish_send, publish_receive = trio.open_memory_channel[PublishRequest](PUBLISH_QUEUE_SIZE)
             acks_send, acks_receive = trio.open_memory_channel[Delivery](ACK_QUEUE_SIZE)
             outcomes_send, outcomes_receive = trio.open_memory_channel[ForwardOutcome](OUTCOME_QUEUE_SIZE)
@@ -102,7 +108,7 @@ async def _run_pipeline(
             reload_send, reload_receive = trio.open_memory_channel[ReloadRequest](RELOAD_QUEUE_SIZE)
             watcher = None
             if config_path is not None:
-                watcher = ConfigWatcher(config_path, config, routes, reload_receive, stopping)
+                watcher = ConfigWatcher(config_path, config, routes, access, reload_receive, stopping)
             async with trio.open_nursery() as actors:
                 if watcher is not None:
                     await actors.start(watcher.run)
@@ -110,7 +116,8 @@ async def _run_pipeline(
                 await actors.start(Acknowledger(jetstream, acks_receive).run)
                 await actors.start(subscriber.run)
                 await actors.start(Ingress(jetstream, publish_receive, routes).run)
-                app = create_app(
+                make_app = partial(
+                    create_app,
                     config,
                     jetstream=jetstream,
                     publish_requests=publish_send,
@@ -119,9 +126,10 @@ async def _run_pipeline(
                     log_writer=log_writer,
                     config_watcher=watcher,
                     reload_requests=reload_send,
+                    access=access,
                     stopping=stopping,
                 )
-                binds = await actors.start(_serve_until_stopped, app, config, stopping, publish_send)
+                binds = await actors.start(_serve_until_stopped, make_app, config, stopping, publish_send)
                 log.info("Service ready", listening=binds, routes=len(config.routes), nats=url)
                 task_status.started(binds)
         root.cancel_scope.cancel()
@@ -129,14 +137,35 @@ async def _run_pipeline(
 
 
 async def _serve_until_stopped(
-    app,
+    make_app: Callable[..., QuartTrio],
     config: Config,
     stopping: trio.Event,
     publish_send: trio.MemorySendChannel[PublishRequest],
     *,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
-    # The HTTP handlers are the only senders to the ingress: once the server
-    # has finished its last request, closing this end lets the ingress drain and stop.
+    """Serve the HTTP side: on one address, or the admin surface on its own (``admin.listen``)."""
+    # The HTTP handlers are the only senders to the ingress: once the servers
+    # have finished their last requests, closing this end lets the ingress drain and stop.
     with publish_send:
-        await serve_http(app, config.server, stopping, task_status=task_status)
+        if config.admin.listen is None:
+            await serve_http(make_app(surface="all"), config.server, stopping, task_status=task_status)
+            return
+        host, _, port = config.admin.listen.rpartition(":")
+        admin_server = config.server.model_copy(update={"host": host, "port": int(port)})
+        async with trio.open_nursery() as servers:
+            public = await servers.start(serve_http, make_app(surface="public"), config.server, stopping)
+            admin = await servers.start(serve_http, make_app(surface="admin"), admin_server, stopping)
+            task_status.started(public + admin)
+
+
+def _warn_if_open(config: Config) -> None:
+    if not config.ingress.api_keys:
+        log.warning(
+            "INGRESS IS OPEN: no ingress.api_keys configured, anyone who reaches POST /events can post for any domain"
+        )
+    if config.admin.password_sha256 is None:
+        log.warning(
+            "DASHBOARD AND API ARE OPEN: no admin.password_sha256 configured; "
+            "anyone who reaches them can read events and replay or discard dead letters"
+        )

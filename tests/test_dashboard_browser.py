@@ -37,6 +37,7 @@ CHROMIUM_ARGS = [
 ]
 # Long enough for a redelivery cycle (ack_wait 2 s) on a loaded machine.
 UI_TIMEOUT_MS = 15_000
+expect.set_options(timeout=UI_TIMEOUT_MS)
 
 
 class _Backend(BaseHTTPRequestHandler):

@@ -9,6 +9,8 @@ from quart_trio import QuartTrio
 
 from pipeline.config import ServerConfig
 
+SLOW_CLIENT_TIMEOUT_SECONDS = 30
+
 
 async def serve_http(
     app: QuartTrio,
@@ -27,4 +29,9 @@ async def serve_http(
     # Above the publish timeout, so requests waiting for JetStream still get their answer.
     hypercorn_config.graceful_timeout = config.shutdown_grace_seconds
     hypercorn_config.accesslog = None
+    # Against slow or idle clients holding connections open (slowloris): a
+    # connection that sends nothing for this long is closed, headers are capped
+    # at 16 KiB (hypercorn's h11 default), idle keep-alive ends after 5 s.
+    hypercorn_config.read_timeout = SLOW_CLIENT_TIMEOUT_SECONDS
+    hypercorn_config.keep_alive_timeout = 5
     await serve(app, hypercorn_config, shutdown_trigger=stopping.wait, task_status=task_status)

@@ -1,0 +1,93 @@
+"""Who may post events for which domain, who may see the dashboard and API, and how fast."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+ANY_DOMAIN = "*"
+# Domains whose token buckets are remembered; the least recently used is forgotten
+# (it starts again full), so invented domains cannot grow memory.
+MAX_RATE_LIMITED_DOMAINS = 10_000
+
+
+def sha256_hex(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    name: str
+    domains: frozenset[str]  # lower-case domains, or ANY_DOMAIN
+
+    def allows(self, domain: str) -> bool:
+        return ANY_DOMAIN in self.domains or domain in self.domains
+
+
+@dataclass(frozen=True, slots=True)
+class IngressAccess:
+    """The ingress's API keys (by the SHA-256 of the key; keys themselves are never kept)."""
+
+    keys: Mapping[str, ApiKey] = field(default_factory=dict)
+    rate_per_second: float = 0.0  # per-domain limit of POST /events; 0: none
+    burst: int = 1
+
+    @property
+    def open(self) -> bool:
+        return not self.keys
+
+    def key_for(self, authorization: str | None) -> ApiKey | None:
+        """The key an ``Authorization: Bearer …`` header presents, if it is one of ours."""
+        presented = _bearer(authorization)
+        if presented is None:
+            return None
+        digest = sha256_hex(presented)
+        for known, key in self.keys.items():
+            if hmac.compare_digest(known, digest):
+                return key
+        return None
+
+
+def admin_allows(authorization: str | None, password_sha256: str) -> bool:
+    """``Authorization: Bearer <password>`` or HTTP basic auth (any user name) with the admin password."""
+    presented = _bearer(authorization)
+    if presented is None and authorization and authorization[:6].lower() == "basic ":
+        try:
+            presented = base64.b64decode(authorization[6:].strip(), validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    return presented is not None and hmac.compare_digest(sha256_hex(presented), password_sha256)
+
+
+class DomainRateLimiter:
+    """A token bucket per domain: ``rate`` events a second on average, bursts up to ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # domain → (tokens, when)
+
+    def take(self, domain: str, now: float | None = None) -> float:
+        """0 when the event may pass, else the seconds until it would."""
+        now = time.monotonic() if now is None else now
+        tokens, then = self._buckets.pop(domain, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+        if len(self._buckets) >= MAX_RATE_LIMITED_DOMAINS:
+            self._buckets.popitem(last=False)
+        if tokens >= 1:
+            self._buckets[domain] = (tokens - 1, now)
+            return 0.0
+        self._buckets[domain] = (tokens, now)
+        return (1 - tokens) / self.rate

@@ -1,0 +1,130 @@
+"""Scenarios: API keys on the ingress, the admin credential, a separate admin address, rate limits."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import trio
+
+from pipeline.access import sha256_hex
+from pipeline.config import load_config
+from tests.conftest import StartBackend
+from tests.harness import call_event, free_port, make_config, running_service, write_config
+
+CLOUDGO_KEY = "key-for-cloudgo-0123456789"
+ANY_KEY = "key-for-everything-0123456789"
+ADMIN_PASSWORD = "correct horse battery staple"
+
+ADMIN_ROUTES = [
+    ("GET", "/"),
+    ("GET", "/static/dashboard.js"),
+    ("GET", "/api/events"),
+    ("GET", "/api/stats"),
+    ("GET", "/api/stream/messages"),
+    ("GET", "/api/logs"),
+    ("GET", "/api/logs/domains"),
+    ("GET", "/api/config/routes"),
+    ("POST", "/api/config/reload"),
+    ("GET", "/api/dead-letters"),
+    ("POST", "/api/dead-letters/some-event/replay"),
+    ("DELETE", "/api/dead-letters/some-event"),
+]
+
+
+def _keys(*extra: dict) -> dict:
+    return {
+        "api_keys": [
+            {"name": "cloudgo", "sha256": sha256_hex(CLOUDGO_KEY), "domains": ["VietAnh.CloudGo.vn"]},
+            {"name": "ops", "sha256": sha256_hex(ANY_KEY), "domains": ["*"]},
+            *extra,
+        ]
+    }
+
+
+async def test_api_keys_decide_who_posts_for_which_domain(nats_server, start_backend: StartBackend, tmp_path):
+    cloudgo, other = await start_backend(), await start_backend()
+    path = tmp_path / "config.yaml"
+    write_config(path, nats_server.url, {"vietanh.cloudgo.vn": [cloudgo.url], "other.vn": [other.url]}, ingress=_keys())
+    with trio.fail_after(30):
+        async with running_service(load_config(path), config_path=path) as service:
+
+            async def post(domain: str, key: str | None) -> httpx.Response:
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                return await service.client.post(f"{service.url}/events", json=call_event(domain, "c"), headers=headers)
+
+            no_key = await post("vietanh.cloudgo.vn", None)
+            assert no_key.status_code == 401 and no_key.headers["www-authenticate"] == "Bearer"
+            assert "missing or invalid API key" in no_key.json()["error"]
+            assert (await post("vietanh.cloudgo.vn", "guessed")).status_code == 401
+            forbidden = await post("other.vn", CLOUDGO_KEY)
+            assert forbidden.status_code == 403
+            assert forbidden.json()["error"] == "API key 'cloudgo' may not post events for domain 'other.vn'"
+            assert (await post("vietanh.cloudgo.vn", CLOUDGO_KEY)).status_code == 202
+            assert (await post("other.vn", ANY_KEY)).status_code == 202
+            await cloudgo.wait_count(1)
+            await other.wait_count(1)
+
+            # Keys reload with the routes: a new key works without a restart, a removed one stops.
+            new_key = "key-added-by-reload-0123456789"
+            write_config(
+                path,
+                nats_server.url,
+                {"vietanh.cloudgo.vn": [cloudgo.url], "other.vn": [other.url]},
+                ingress={"api_keys": [{"name": "new", "sha256": sha256_hex(new_key), "domains": ["*"]}]},
+            )
+            assert (await service.client.post(f"{service.url}/api/config/reload")).status_code == 200
+            assert (await post("other.vn", new_key)).status_code == 202
+            assert (await post("other.vn", ANY_KEY)).status_code == 401
+            await other.wait_count(2)
+
+
+async def test_every_admin_route_needs_the_credential(nats_server):
+    config = make_config(nats_server.url, {}, admin={"password_sha256": sha256_hex(ADMIN_PASSWORD)})
+    basic = "Basic " + base64.b64encode(f"operator:{ADMIN_PASSWORD}".encode()).decode()
+    with trio.fail_after(30):
+        async with running_service(config) as service:
+            for method, path in ADMIN_ROUTES:
+                refused = await service.client.request(method, f"{service.url}{path}")
+                assert refused.status_code == 401, path
+                assert refused.headers["www-authenticate"].startswith("Basic"), path
+                wrong = await service.client.request(
+                    method, f"{service.url}{path}", headers={"Authorization": "Bearer wrong"}
+                )
+                assert wrong.status_code == 401, path
+            for header in (basic, f"Bearer {ADMIN_PASSWORD}"):
+                allowed = await service.client.get(f"{service.url}/api/stats", headers={"Authorization": header})
+                assert allowed.status_code == 200
+            page = await service.client.get(f"{service.url}/", headers={"Authorization": basic})
+            assert page.status_code == 200 and b"telephony-forwarder" in page.content
+            assert (await service.client.get(f"{service.url}/health")).status_code == 200
+            assert (await service.post_event(call_event("open.vn", "c"))).status_code == 202
+
+
+async def test_admin_surface_on_its_own_address(nats_server):
+    admin_port = free_port()
+    config = make_config(nats_server.url, {}, admin={"listen": f"127.0.0.1:{admin_port}"})
+    with trio.fail_after(30):
+        async with running_service(config) as service:
+            public = service.url
+            admin = f"http://127.0.0.1:{admin_port}"
+            assert (await service.client.get(f"{public}/api/stats")).status_code == 404
+            assert (await service.client.get(f"{public}/")).status_code == 404
+            assert (await service.post_event(call_event("ok.vn", "c"))).status_code == 202
+            assert (await service.client.get(f"{admin}/api/stats")).status_code == 200
+            assert (await service.client.get(f"{admin}/")).status_code == 200
+            # The public ingress is not served on the admin address.
+            assert (await service.client.post(f"{admin}/events", json=call_event("ok.vn", "c"))).status_code == 404
+            assert (await service.client.get(f"{admin}/health")).status_code == 200
+
+
+async def test_rate_limit_per_domain_answers_429_with_retry_after(nats_server):
+    config = make_config(nats_server.url, {}, ingress={"rate_limit_per_second": 0.5, "rate_limit_burst": 2})
+    with trio.fail_after(30):
+        async with running_service(config) as service:
+            answers = [(await service.post_event(call_event("busy.vn", f"c{n}"))) for n in range(3)]
+            other = await service.post_event(call_event("quiet.vn", "c"))
+    assert [a.status_code for a in answers] == [202, 202, 429]
+    assert int(answers[2].headers["retry-after"]) >= 1
+    assert answers[2].json()["error"] == "too many events for domain 'busy.vn'; retry later"
+    assert other.status_code == 202  # one tenant's limit is not another's
