@@ -30,8 +30,9 @@ async def serve_http(
     hypercorn_config.graceful_timeout = config.shutdown_grace_seconds
     hypercorn_config.accesslog = None
     # Against slow or idle clients holding connections open (slowloris): a
-    # connection that sends nothing for this long is closed, headers are capped
-    # at 16 KiB (hypercorn's h11 default), idle keep-alive ends after 5 s.
-    hypercorn_config.read_timeout = SLOW_CLIENT_TIMEOUT_SECONDS
+    # connection without a complete request is closed after 5 s, headers are
+    # capped at 16 KiB (hypercorn's h11 default), and a body must arrive within
+    # SLOW_CLIENT_TIMEOUT_SECONDS (Quart's BODY_TIMEOUT). No read_timeout: it
+    # would also cut the dashboard's long-lived event stream.
     hypercorn_config.keep_alive_timeout = 5
     await serve(app, hypercorn_config, shutdown_trigger=stopping.wait, task_status=task_status)
