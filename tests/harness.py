@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -228,3 +232,54 @@ def call_event(domain: str, call_id: str, **extra: Any) -> dict[str, Any]:
         "from_number": "0914315989",
         **extra,
     }
+
+
+@dataclass
+class CliService:
+    """The service as operators run it: the console command in a subprocess, embedded NATS."""
+
+    url: str
+    config: Path
+
+    def post(self, event: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{self.url}/events", data=json.dumps(event).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def get(self, path: str) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+
+@contextmanager
+def cli_service(work: Path, sections: str) -> Iterator[CliService]:
+    """Run ``python -m pipeline`` on a config of ``sections`` (YAML) plus its own port, store and logs."""
+    port = free_port()
+    config = work / "config.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        f"logging: {{dir: '{work / 'logs'}'}}\n"
+        + sections.replace("nats: {", f"nats: {{url: embedded, data_dir: '{work / 'nats'}', ", 1)
+        + ("" if "nats: {" in sections else f"nats: {{url: embedded, data_dir: '{work / 'nats'}'}}\n")
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "-config", str(config)],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # the service says when it is ready
+            if '"Service ready"' in line:
+                break
+        else:
+            raise AssertionError("the service exited before it was ready")
+        threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
+        yield CliService(f"http://127.0.0.1:{port}", config)
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -8,21 +8,16 @@ Playwright drives Debian's chromium (/usr/bin/chromium), which .ci/run installs.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import subprocess
-import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.harness import free_port
+from tests.harness import CliService, cli_service
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # Chromium's own background connections would be refused by a closed network.
@@ -57,59 +52,23 @@ class _FailingBackend(_Backend):
     status = 503
 
 
-@dataclass
-class Service:
-    url: str
-    config: Path
-
-    def post(self, event: dict) -> dict:
-        request = urllib.request.Request(
-            f"{self.url}/events", data=json.dumps(event).encode(), headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    def get(self, path: str) -> dict:
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as response:
-            return json.loads(response.read())
-
-
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliService]:
     work = tmp_path_factory.mktemp("dashboard")
     servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for handler in (_Backend, _FailingBackend)]
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     ok, failing = (f"http://127.0.0.1:{server.server_address[1]}/webhook" for server in servers)
-    port = free_port()
-    config = work / "config.yaml"
-    config.write_text(
-        f"server: {{host: 127.0.0.1, port: {port}}}\n"
-        f"nats: {{url: embedded, data_dir: '{work / 'nats'}', ack_wait_seconds: 2, max_deliveries: 3}}\n"
-        "forwarding: {timeout_seconds: 1}\n"
-        f"logging: {{dir: '{work / 'logs'}'}}\n"
-        f"routes:\n  - {{domain: vietanh.cloudgo.vn, endpoints: ['{ok}']}}\n"
-        f"  - {{domain: dead.example.vn, endpoints: ['{failing}']}}\n"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "-config", str(config)],
-        cwd=work,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     try:
-        assert process.stdout is not None
-        for line in process.stdout:  # the service says when it is ready
-            if '"Service ready"' in line:
-                break
-        else:
-            pytest.fail("the service exited before it was ready")
-        threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
-        yield Service(f"http://127.0.0.1:{port}", config)
+        with cli_service(
+            work,
+            "nats: {ack_wait_seconds: 2, max_deliveries: 3}\n"
+            "forwarding: {timeout_seconds: 1}\n"
+            f"routes:\n  - {{domain: vietanh.cloudgo.vn, endpoints: ['{ok}']}}\n"
+            f"  - {{domain: dead.example.vn, endpoints: ['{failing}']}}\n",
+        ) as running:
+            yield running
     finally:
-        process.terminate()
-        process.wait(30)
         for server in servers:
             server.shutdown()
 
@@ -128,7 +87,7 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def page(browser: Browser, service: Service) -> Iterator[Page]:
+def page(browser: Browser, service: CliService) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1366, "height": 900})
     page = context.new_page()
     page.set_default_timeout(UI_TIMEOUT_MS)
@@ -141,7 +100,7 @@ def call(domain: str, call_id: str) -> dict:
     return {"domain": domain, "call_id": call_id, "direction": "inbound", "state": "missed", "status": "busy-line"}
 
 
-def test_statistics_and_events_update_live_without_reload(page: Page, service: Service):
+def test_statistics_and_events_update_live_without_reload(page: Page, service: CliService):
     delivered = page.locator('[data-stat="total_successful"]')
     expect(page.get_by_test_id("service-status")).to_have_text("NATS connected")
     before = int(delivered.inner_text().replace(",", "") or 0) if delivered.inner_text() != "–" else 0
@@ -153,7 +112,7 @@ def test_statistics_and_events_update_live_without_reload(page: Page, service: S
     assert page.evaluate("window.__sameDocument") is True  # no reload happened
 
 
-def test_failed_event_shows_whether_it_will_be_retried(page: Page, service: Service):
+def test_failed_event_shows_whether_it_will_be_retried(page: Page, service: CliService):
     service.post(call("dead.example.vn", "doomed"))
     cards = page.locator('.card[data-call-id="doomed"]')
     expect(cards.locator('[data-retry="will-retry"]').first).to_contain_text("attempt 1 of 3")
@@ -161,7 +120,7 @@ def test_failed_event_shows_whether_it_will_be_retried(page: Page, service: Serv
     expect(cards.first.locator(".error-text")).to_contain_text("HTTP 503")
 
 
-def test_filters_narrow_the_list(page: Page, service: Service):
+def test_filters_narrow_the_list(page: Page, service: CliService):
     service.post(call("vietanh.cloudgo.vn", "filter-ok"))
     service.post(call("dead.example.vn", "filter-bad"))
     expect(page.locator('.card[data-call-id="filter-bad"]').first).to_be_visible()
@@ -177,7 +136,7 @@ def test_filters_narrow_the_list(page: Page, service: Service):
     expect(page.locator('.card[data-call-id="filter-bad"]').first).to_be_visible()
 
 
-def test_log_files_toggle_and_date_picker_show_history(page: Page, service: Service):
+def test_log_files_toggle_and_date_picker_show_history(page: Page, service: CliService):
     service.post(call("vietanh.cloudgo.vn", "history-1"))
     expect(page.locator('.card[data-call-id="history-1"]')).to_be_visible()
     expect(page.get_by_text("Đọc từ log files")).to_be_visible()  # the original label stays beside the English one
@@ -193,13 +152,13 @@ def test_log_files_toggle_and_date_picker_show_history(page: Page, service: Serv
     expect(page.locator("#source-note")).to_have_text("History: read from the log files")
 
 
-def test_reload_button_reloads_and_shows_the_result(page: Page, service: Service):
+def test_reload_button_reloads_and_shows_the_result(page: Page, service: CliService):
     expect(page.get_by_test_id("routes").locator("li")).to_have_count(2)
     page.get_by_test_id("reload").click()
     expect(page.get_by_test_id("reload-result")).to_have_text("Configuration reloaded successfully (2)")
 
 
-def test_vietnamese_switch(page: Page, service: Service):
+def test_vietnamese_switch(page: Page, service: CliService):
     page.get_by_role("button", name="VI").click()
     expect(page.locator(".tile-label").first).to_have_text("Đã chuyển")
     expect(page.get_by_test_id("service-status")).to_have_text("NATS đã kết nối")
@@ -209,7 +168,7 @@ def test_vietnamese_switch(page: Page, service: Service):
     expect(page.locator(".tile-label").first).to_have_text("Delivered")
 
 
-def test_phone_width_has_no_horizontal_scroll(browser: Browser, service: Service):
+def test_phone_width_has_no_horizontal_scroll(browser: Browser, service: CliService):
     context = browser.new_context(viewport={"width": 390, "height": 800})
     page = context.new_page()
     page.goto(service.url)
@@ -218,7 +177,7 @@ def test_phone_width_has_no_horizontal_scroll(browser: Browser, service: Service
     context.close()
 
 
-def test_dead_letter_is_listed_with_a_replay_button(page: Page, service: Service):
+def test_dead_letter_is_listed_with_a_replay_button(page: Page, service: CliService):
     event_id = service.post(call("dead.example.vn", "to-replay"))["event_id"]
     letter = page.locator(f'[data-testid="dead-letters"] li[data-event-id="{event_id}"]')
     expect(letter).to_contain_text("to-replay · dead.example.vn")
