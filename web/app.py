@@ -23,6 +23,7 @@ from pipeline.events import InvalidEvent, parse_event
 from pipeline.nats_bridge import JetStream
 from web.api import register_api, service_statistics
 from web.dashboard import register_dashboard
+from web.openapi import OPENAPI
 from web.server import SLOW_CLIENT_TIMEOUT_SECONDS
 
 # Content types a PBX may plausibly send JSON with; curl's -d default
@@ -34,7 +35,7 @@ _ACCEPTED_CONTENT_TYPES = frozenset(
 
 Surface = Literal["all", "public", "admin"]
 # Reachable without the admin credential on the admin surface.
-_OPEN_PATHS = frozenset({"/health", "/events"})
+_OPEN_PATHS = frozenset({"/health", "/events", "/openapi.json"})
 
 
 def _error(status: int, message: str, **extra: Any) -> tuple[dict[str, Any], int]:
@@ -126,6 +127,10 @@ def create_app(
     @app.get("/health")
     async def health() -> tuple[dict[str, Any], int]:
         return health_report()
+
+    @app.get("/openapi.json")
+    async def openapi() -> dict[str, Any]:
+        return OPENAPI
 
     if surface in ("all", "public"):
         app.add_url_rule("/events", view_func=post_event, methods=["POST"])

@@ -1,0 +1,29 @@
+"""schemathesis: every operation of /openapi.json, fed generated and malformed requests, never gets a 5xx."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import schemathesis
+from schemathesis.checks import not_a_server_error
+
+from tests.harness import CliService, cli_service
+from web.openapi import OPENAPI
+
+schema = schemathesis.openapi.from_dict(OPENAPI)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliService]:
+    with cli_service(tmp_path_factory.mktemp("schemathesis"), "routes: []\n") as running:
+        yield running
+
+
+def test_the_served_description_is_the_one_tested(service: CliService):
+    assert service.get("/openapi.json") == OPENAPI
+
+
+@schema.parametrize()
+def test_no_request_gets_a_server_error(case, service: CliService):
+    case.call_and_validate(base_url=service.url, checks=[not_a_server_error])
