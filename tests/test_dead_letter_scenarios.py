@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from tests.conftest import StartBackend
-from tests.harness import call_event, make_config, running_service, wait_for_api
+from tests.harness import HANG, call_event, make_config, running_service, wait_for_api
 
 
 async def test_given_up_event_is_kept_and_can_be_replayed_or_discarded(nats_server, start_backend: StartBackend):
@@ -60,3 +60,23 @@ async def test_a_replayed_event_that_fails_again_is_a_dead_letter_again(nats_ser
             letters = await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 1)
     assert letters.json()["dead_letters"][0]["event_id"] == event_id
     assert backend.attempts_of("twice") == [1, 2, 3, 1, 2, 3]
+
+
+async def test_flapping_and_slow_backends_leave_no_event_stuck(nats_server, start_backend: StartBackend):
+    # Fails every other request, and every fourth one hangs past the timeout.
+    flapping = await start_backend(lambda number, body: HANG if number % 4 == 0 else (503 if number % 2 else 200))
+    steady = await start_backend()
+    config = make_config(nats_server.url, {"flap.vn": [flapping.url, steady.url]})
+    with trio.fail_after(90):
+        async with running_service(config) as service:
+            for n in range(40):
+                assert (await service.post_event(call_event("flap.vn", f"flap-{n}"))).status_code == 202
+            # Every event ends delivered to both endpoints or kept as a dead letter.
+            stats = await wait_for_api(
+                service,
+                "/api/stats",
+                lambda r: r.json()["total_successful"] + r.json()["given_up"] == 40 and r.json()["in_flight"] == 0,
+            )
+            letters = (await service.client.get(f"{service.url}/api/dead-letters?limit=100")).json()
+    assert letters["total"] == stats.json()["given_up"]
+    print(f"flapping: 40 sent, {stats.json()['total_successful']} delivered, {letters['total']} dead-lettered")
