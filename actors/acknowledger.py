@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import trio
 
+from pipeline.batching import batches
 from pipeline.nats_bridge import Delivery, JetStream
 
 # Most acks sent in one bridge crossing.
@@ -26,11 +27,5 @@ class Acknowledger:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         with self._deliveries:
-            async for first in self._deliveries:
-                batch = [first]
-                while len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(self._deliveries.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+            async for batch in batches(self._deliveries, MAX_BATCH):
                 await self._jetstream.ack_batch(batch)

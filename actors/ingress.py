@@ -8,6 +8,7 @@ import structlog
 import trio
 from trio_util import AsyncValue
 
+from pipeline.batching import batches
 from pipeline.events import AcceptedEvent
 from pipeline.nats_bridge import JetStream, PublishReceipt
 from pipeline.routes import Routes
@@ -61,13 +62,7 @@ class Ingress:
                 task_status.started()
 
     async def _publish_batches(self) -> None:
-        async for first in self._requests:
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._requests.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
+        async for batch in batches(self._requests, MAX_BATCH):
             outcomes = await self._jetstream.publish_batch([request.event for request in batch])
             for request, outcome in zip(batch, outcomes, strict=True):
                 request.outcome = outcome

@@ -22,6 +22,7 @@ from typing import IO, Any
 import structlog
 import trio
 
+from pipeline.batching import batches
 from pipeline.config import LoggingConfig
 from pipeline.domain_logs import DAY_FILE_PART, DOMAIN_FILE, log_files, sanitize_domain
 from pipeline.events import InvalidEvent
@@ -222,13 +223,7 @@ class LogWriter:
         task_status.started()
         try:
             with self._lines:
-                async for first in self._lines:
-                    batch = [first]
-                    while len(batch) < MAX_BATCH:
-                        try:
-                            batch.append(self._lines.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
+                async for batch in batches(self._lines, MAX_BATCH):
                     await trio.to_thread.run_sync(self._write, batch)
         finally:
             with trio.CancelScope(shield=True):

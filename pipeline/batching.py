@@ -1,0 +1,27 @@
+"""Reading a channel in batches: one item waited for, then whatever else is already there."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+
+async def batches(channel: trio.MemoryReceiveChannel[T], max_size: int) -> AsyncIterator[list[T]]:
+    """Yield lists of at most ``max_size`` items until ``channel`` is closed and drained.
+
+    Under load a batch grows with what queued while the last one was handled,
+    so one bridge crossing or one disk write serves many items; when idle
+    each item goes alone, without waiting for company.
+    """
+    async for first in channel:
+        batch = [first]
+        while len(batch) < max_size:
+            try:
+                batch.append(channel.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        yield batch
