@@ -22,6 +22,7 @@ from pipeline.embedded_nats import EmbeddedNats
 from pipeline.nats_bridge import Delivery, open_jetstream
 from pipeline.routes import open_routes
 from web.app import create_app
+from web.ingress import EventIngress
 from web.server import serve_http
 
 log = structlog.get_logger(component="supervisor")
@@ -137,7 +138,7 @@ async def _run_pipeline(
 
 
 async def _serve_until_stopped(
-    make_app: Callable[..., QuartTrio],
+    make_app: Callable[..., QuartTrio | EventIngress],
     config: Config,
     stopping: trio.Event,
     publish_send: trio.MemorySendChannel[PublishRequest],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Literal
 
 import trio
@@ -17,21 +16,14 @@ from actors.ingress import PublishRequest
 from actors.log_writer import LogWriter
 from actors.stats import StatsCollector
 from actors.subscriber import Subscriber
-from pipeline.access import DomainRateLimiter, IngressAccess, admin_allows
+from pipeline.access import IngressAccess, admin_allows
 from pipeline.config import Config
-from pipeline.events import InvalidEvent, parse_event
 from pipeline.nats_bridge import JetStream
 from web.api import register_api, service_statistics
 from web.dashboard import register_dashboard
+from web.ingress import EventIngress
 from web.openapi import OPENAPI
 from web.server import SLOW_CLIENT_TIMEOUT_SECONDS
-
-# Content types a PBX may plausibly send JSON with; curl's -d default
-# (x-www-form-urlencoded) included, since that is how people try it out.
-_ACCEPTED_CONTENT_TYPES = frozenset(
-    {"", "application/json", "text/plain", "text/json", "application/x-www-form-urlencoded"}
-)
-
 
 Surface = Literal["all", "public", "admin"]
 # Reachable without the admin credential on the admin surface.
@@ -55,8 +47,8 @@ def create_app(
     access: AsyncValue[IngressAccess],
     stopping: trio.Event,
     surface: Surface = "all",
-) -> QuartTrio:
-    """Build the app around the running pipeline's pieces (no module-level state).
+) -> QuartTrio | EventIngress:
+    """Build the ASGI app around the running pipeline's pieces (no module-level state).
 
     ``surface``: ``public`` serves only POST /events and /health, ``admin``
     only /health, the dashboard and /api/*, ``all`` both (one listen address).
@@ -68,52 +60,6 @@ def create_app(
     # timeout, plus room for the batch it waits behind.
     answer_deadline = config.nats.publish_timeout_seconds + 2.0
 
-    limiter = DomainRateLimiter(access.value.rate_per_second, access.value.burst)
-
-    async def post_event() -> tuple[dict[str, Any], int] | Response:
-        nonlocal limiter
-        rules = access.value
-        key = rules.key_for(request.headers.get("Authorization"))
-        if key is None and not rules.open:
-            return _unauthorized("missing or invalid API key: send Authorization: Bearer <key>")
-        content_type = (request.mimetype or "").lower()
-        if content_type not in _ACCEPTED_CONTENT_TYPES and not content_type.endswith("+json"):
-            return _error(415, f"unsupported Content-Type {content_type!r}: send application/json")
-        body = await request.get_data(cache=False)
-        try:
-            event = parse_event(body)
-        except InvalidEvent as error:
-            return _error(400, str(error))
-        if key is not None and not key.allows(event.domain):
-            return _error(403, f"API key {key.name!r} may not post events for domain {event.domain!r}")
-        if rules.rate_per_second:
-            if (limiter.rate, limiter.burst) != (rules.rate_per_second, rules.burst):
-                limiter = DomainRateLimiter(rules.rate_per_second, rules.burst)
-            wait = limiter.take(event.domain)
-            if wait:
-                answer, status = _error(429, f"too many events for domain {event.domain!r}; retry later")
-                return Response(
-                    json.dumps(answer), status, {"Retry-After": str(math.ceil(wait))}, content_type="application/json"
-                )
-        publish = PublishRequest(event)
-        # A client that hangs up cancels this handler; the publish it started
-        # must still finish (or time out) on its own, never half-done.
-        with trio.CancelScope(shield=True), trio.move_on_after(answer_deadline):
-            await publish_requests.send(publish)
-            await publish.done.wait()
-        outcome = publish.outcome
-        if outcome is None:
-            return _error(503, "timed out storing the event; retry with the same event_id", event_id=event.event_id)
-        if isinstance(outcome, Exception):
-            return _error(
-                500,
-                f"event not stored: {outcome or type(outcome).__name__}; retry with the same event_id",
-                event_id=event.event_id,
-            )
-        answer = {"status": "accepted", "event_id": event.event_id, "sequence": outcome.sequence}
-        if outcome.duplicate:
-            answer["duplicate"] = True
-        return answer, 202
 
     def health_report() -> tuple[dict[str, Any], int]:
         if not jetstream.connected.value:
@@ -132,10 +78,18 @@ def create_app(
     async def openapi() -> dict[str, Any]:
         return OPENAPI
 
-    if surface in ("all", "public"):
-        app.add_url_rule("/events", view_func=post_event, methods=["POST"])
+    def with_ingress(app: QuartTrio) -> EventIngress:
+        return EventIngress(
+            _with_common_handlers(app, config),
+            access=access,
+            publish_requests=publish_requests,
+            max_body_size=int(config.server.max_body_size),
+            body_timeout=SLOW_CLIENT_TIMEOUT_SECONDS,
+            answer_deadline=answer_deadline,
+        )
+
     if surface == "public":
-        return _with_common_handlers(app, config)
+        return with_ingress(app)
 
     password_sha256 = config.admin.password_sha256
 
@@ -171,12 +125,7 @@ def create_app(
         config_watcher=config_watcher,
         reload_requests=reload_requests,
     )
-    return _with_common_handlers(app, config)
-
-
-def _unauthorized(message: str) -> Response:
-    answer, status = _error(401, message)
-    return Response(json.dumps(answer), status, {"WWW-Authenticate": "Bearer"}, content_type="application/json")
+    return with_ingress(app) if surface == "all" else _with_common_handlers(app, config)
 
 
 def _with_common_handlers(app: QuartTrio, config: Config) -> QuartTrio:

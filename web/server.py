@@ -8,12 +8,13 @@ from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
 from pipeline.config import ServerConfig
+from web.ingress import EventIngress
 
 SLOW_CLIENT_TIMEOUT_SECONDS = 30
 
 
 async def serve_http(
-    app: QuartTrio,
+    app: QuartTrio | EventIngress,
     config: ServerConfig,
     stopping: trio.Event,
     *,
