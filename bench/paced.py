@@ -61,7 +61,9 @@ async def main(url: str, rate: float, seconds: float, domains: list[str]) -> Non
             {
                 "sent": total,
                 "accepted": sum(1 for status, _ in results if status == 202),
-        "statuses": {str(code): sum(1 for status, _ in results if status == code) for code in {s for s, _ in results}},
+                "statuses": {
+                    str(code): sum(1 for status, _ in results if status == code) for code in {s for s, _ in results}
+                },
                 "elapsed_s": time.monotonic() - start,
                 "post_p50_ms": latencies[len(latencies) // 2],
                 "post_p99_ms": latencies[int(len(latencies) * 0.99)],

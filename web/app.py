@@ -26,8 +26,8 @@ from web.openapi import OPENAPI
 from web.server import SLOW_CLIENT_TIMEOUT_SECONDS
 
 Surface = Literal["all", "public", "admin"]
-# Reachable without the admin credential on the admin surface.
-_OPEN_PATHS = frozenset({"/health", "/events", "/openapi.json"})
+# Reachable without the admin credential (POST /events has its own rules: web/ingress.py).
+_OPEN_PATHS = frozenset({"/health", "/openapi.json"})
 
 
 def _error(status: int, message: str, **extra: Any) -> tuple[dict[str, Any], int]:
@@ -50,8 +50,9 @@ def create_app(
 ) -> QuartTrio | EventIngress:
     """Build the ASGI app around the running pipeline's pieces (no module-level state).
 
-    ``surface``: ``public`` serves only POST /events and /health, ``admin``
-    only /health, the dashboard and /api/*, ``all`` both (one listen address).
+    ``surface``: ``public`` serves only POST /events, /health and
+    /openapi.json; ``admin`` those two and the dashboard and /api/*, behind
+    the admin credential; ``all`` everything (one listen address).
     """
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(config.server.max_body_size)
@@ -59,7 +60,6 @@ def create_app(
     # Time a publish may take before the client is told it failed: the publish
     # timeout, plus room for the batch it waits behind.
     answer_deadline = config.nats.publish_timeout_seconds + 2.0
-
 
     def health_report() -> tuple[dict[str, Any], int]:
         if not jetstream.connected.value:
