@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -58,6 +59,7 @@ class Forwarder:
         *,
         max_deliveries: int,
         grace_seconds: float,
+        tls: ssl.SSLContext,
     ) -> None:
         self.domain = domain
         self._deliveries = deliveries
@@ -69,6 +71,7 @@ class Forwarder:
         self._config = config
         self._max_deliveries = max_deliveries
         self._grace_seconds = grace_seconds
+        self._tls = tls
         self.in_flight = 0  # events being forwarded now, for the operator's view
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -77,7 +80,7 @@ class Forwarder:
         # semaphore bounds concurrency; httpx's own timeout bounds each request
         # (cancelling httpx from outside leaks pool slots: httpcore #1093).
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=self._config.max_in_flight_per_domain)
-        async with httpx.AsyncClient(timeout=self._config.timeout_seconds, limits=limits) as client:
+        async with httpx.AsyncClient(timeout=self._config.timeout_seconds, limits=limits, verify=self._tls) as client:
             with self._acks, self._outcomes, self._deliveries:
                 async with trio.open_nursery() as nursery:
                     task_status.started()

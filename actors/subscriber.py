@@ -6,6 +6,7 @@ import operator
 from dataclasses import dataclass
 from functools import partial
 
+import httpx
 import structlog
 import trio
 import trio_util
@@ -59,6 +60,9 @@ class Subscriber:
         self._acks = acks
         self._outcomes = outcomes
         self._forwarders: dict[str, Forwarder] = {}
+        # One TLS context for every forwarder's client: each context holds the
+        # CA bundle (~0.9 MB), which is too much per domain.
+        self._tls = httpx.create_ssl_context()
         self._retirements: dict[str, trio.Event] = {}  # routed domain → set when its route goes
         self._config = config
         self._stopping = stopping
@@ -103,6 +107,7 @@ class Subscriber:
             self._config.forwarding,
             max_deliveries=self._config.nats.max_deliveries,
             grace_seconds=self._config.server.shutdown_grace_seconds,
+            tls=self._tls,
         )
         self._forwarders[domain] = forwarder
         try:
