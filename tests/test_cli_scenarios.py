@@ -104,6 +104,7 @@ async def test_sigterm_finishes_in_flight_forward_acks_it_and_exits_0(
     config.write_text(
         f"server: {{host: 127.0.0.1, port: {port}}}\n"
         f"nats: {{url: '{nats_server.url}', stream_name: cli, subject_pattern: 'cli.*'}}\n"
+        f"logging: {{dir: '{tmp_path / 'logs'}'}}\n"
         f"routes: [{{domain: ok.vn, endpoints: ['{backend.url}']}}]\n"
     )
     with trio.fail_after(60):
