@@ -144,13 +144,12 @@ class Forwarder:
             at=datetime.now(UTC),
             errors=errors or None,
         )
+        await self._outcomes.send(outcome)
         if not errors:
             await self._acks.send(delivery)
-            await self._outcomes.send(outcome)
             # payload: the full event, for the domain's log file only (never stdout).
             event_log.info("Event forwarded successfully", endpoints=len(endpoints), payload=event)
             return
-        await self._outcomes.send(outcome)
         failure_log = event_log.bind(errors=errors, max_deliveries=self._max_deliveries)
         failure_log.warning("Failed to forward event", will_retry=outcome.will_retry, payload=event)
         if not outcome.will_retry:

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import trio
 from trio_util import AsyncValue
 
+from pipeline.events import outcome_record
+
 EventType = Literal["successful", "failed", "all"]
 
 
@@ -41,24 +43,14 @@ class ForwardOutcome:
         return not self.succeeded and self.delivery_attempt < self.max_deliveries
 
     def as_record(self) -> dict[str, Any]:
-        record = {
-            "call_id": self.fields.get("call_id"),
-            "domain": self.domain,
-            "direction": self.fields.get("direction"),
-            "state": self.fields.get("state"),
-            "status": self.fields.get("status"),
-            "event_id": self.fields.get("event_id"),
-        }
-        if self.errors is None:
-            record["forwarded_at"] = rfc3339(self.at)
-            record["delivery_attempt"] = self.delivery_attempt
-        else:
-            record["failed_at"] = rfc3339(self.at)
-            record["error"] = "; ".join(f"{endpoint}: {error}" for endpoint, error in self.errors.items())
-            record["errors"] = self.errors
-            record["delivery_attempt"] = self.delivery_attempt
-            record["max_deliveries"] = self.max_deliveries
-            record["will_retry"] = self.will_retry
+        record = outcome_record(
+            self.fields | {"domain": self.domain},
+            at=rfc3339(self.at),
+            delivery_attempt=self.delivery_attempt,
+            errors=self.errors,
+            max_deliveries=self.max_deliveries,
+            will_retry=self.will_retry,
+        )
         record["event"] = json.loads(self.body)
         return record
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.events import InvalidEvent, normalize_domain
+from pipeline.events import InvalidEvent, normalize_domain, outcome_record
 
 DOMAIN_FILE = ".domain"
 _FILE_NAME = re.compile(r"(\d{4}-\d{2}-\d{2})(?:\.(\d+))?\.log(\.gz)?")
@@ -125,24 +125,18 @@ def domain_directory(root: Path, requested: str) -> Path | None:
 
 
 def _as_record(line: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    record = {key: line.get(key) for key in ("call_id", "domain", "direction", "state", "status", "event_id")}
-    if line.get("msg") == SUCCEEDED:
-        record |= {"forwarded_at": line.get("timestamp"), "delivery_attempt": line.get("delivery_attempt")}
-        kind = "successful"
-    else:
-        errors = line.get("errors") or {}
-        record |= {
-            "failed_at": line.get("timestamp"),
-            "error": "; ".join(f"{endpoint}: {error}" for endpoint, error in errors.items()),
-            "errors": errors,
-            "delivery_attempt": line.get("delivery_attempt"),
-            "max_deliveries": line.get("max_deliveries"),
-            "will_retry": line.get("will_retry"),
-        }
-        kind = "failed"
+    succeeded = line.get("msg") == SUCCEEDED
+    record = outcome_record(
+        line,
+        at=line.get("timestamp"),
+        delivery_attempt=line.get("delivery_attempt"),
+        errors=None if succeeded else (line.get("errors") or {}),
+        max_deliveries=line.get("max_deliveries"),
+        will_retry=line.get("will_retry"),
+    )
     if "payload" in line:
         record["event"] = line["payload"]
-    return kind, record
+    return ("successful" if succeeded else "failed"), record
 
 
 def _day_lines(directory: Path, day: str) -> Iterator[dict[str, Any]]:

@@ -129,3 +129,29 @@ def describe(event: dict[str, Any]) -> dict[str, Any]:
         "state": event.get("state"),
         "status": event.get("status"),
     }
+
+
+def outcome_record(
+    fields: dict[str, Any],
+    *,
+    at: str | None,
+    delivery_attempt: Any,
+    errors: dict[str, str] | None = None,
+    max_deliveries: Any = None,
+    will_retry: Any = None,
+) -> dict[str, Any]:
+    """One forwarding attempt as /api/events and /api/logs show it.
+
+    ``errors`` None means it succeeded; ``at`` is its RFC 3339 time.
+    """
+    record = {key: fields.get(key) for key in ("call_id", "domain", "direction", "state", "status", "event_id")}
+    if errors is None:
+        return record | {"forwarded_at": at, "delivery_attempt": delivery_attempt}
+    return record | {
+        "failed_at": at,
+        "error": "; ".join(f"{endpoint}: {error}" for endpoint, error in errors.items()),
+        "errors": errors,
+        "delivery_attempt": delivery_attempt,
+        "max_deliveries": max_deliveries,
+        "will_retry": will_retry,
+    }
