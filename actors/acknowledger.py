@@ -9,6 +9,9 @@ from pipeline.nats_bridge import Delivery, JetStream
 
 # Most acks sent in one bridge crossing.
 MAX_BATCH = 1024
+# How long an ack waits for others to share its crossing. Nobody waits on an
+# ack (ack_wait is seconds), so a few milliseconds cost nothing.
+LINGER_SECONDS = 0.005
 
 
 class Acknowledger:
@@ -27,5 +30,5 @@ class Acknowledger:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         with self._deliveries:
-            async for batch in batches(self._deliveries, MAX_BATCH):
+            async for batch in batches(self._deliveries, MAX_BATCH, linger_seconds=LINGER_SECONDS):
                 await self._jetstream.ack_batch(batch)
