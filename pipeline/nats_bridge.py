@@ -242,17 +242,35 @@ class JetStream:
         pattern = self.config.subject_pattern
 
         async def publish_all() -> list[Any]:
-            return await asyncio.gather(
-                *(
-                    self._context.publish(
-                        domain_subject(pattern, event.domain),
-                        event.payload,
-                        headers={"Nats-Msg-Id": event.message_id or event.event_id},
+            # publish_async: every message goes out at once and one timer bounds
+            # the batch (js.publish would make a task and a timer per message).
+            futures: list[asyncio.Future | Exception] = []
+            for event in events:
+                try:
+                    futures.append(
+                        await self._context.publish_async(
+                            domain_subject(pattern, event.domain),
+                            event.payload,
+                            headers={"Nats-Msg-Id": event.message_id or event.event_id},
+                        )
                     )
-                    for event in events
-                ),
-                return_exceptions=True,
-            )
+                except Exception as error:  # this event's own outcome; the others go on
+                    futures.append(error)
+            pending = [future for future in futures if isinstance(future, asyncio.Future)]
+            if pending:
+                await asyncio.wait(pending, timeout=self.config.publish_timeout_seconds)
+            results: list[Any] = []
+            for future in futures:
+                if isinstance(future, Exception):
+                    results.append(future)
+                elif not future.done():
+                    future.cancel()
+                    results.append(NatsUnavailable("timed out waiting for JetStream to store the event"))
+                elif future.exception() is not None:
+                    results.append(future.exception())
+                else:
+                    results.append(future.result())
+            return results
 
         results = await aio_as_trio(publish_all)()
         return [

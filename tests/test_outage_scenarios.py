@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import trio
 
 from tests.conftest import StartBackend
@@ -34,6 +37,34 @@ async def test_nats_outage_fails_posts_and_health_then_recovers(
             assert (await service.post_event(call_event("ok.vn", "after"))).status_code == 202
             await backend.wait_count(3)
     assert sorted(b["call_id"] for b in backend.bodies()) == ["after", "before", "during"]
+
+
+async def test_frozen_broker_times_out_the_publish_and_the_retry_is_stored_once(
+    nats_server: NatsServer, start_backend: StartBackend
+):
+    # A server that keeps its connection open but stops answering (SIGSTOP: a
+    # stalled disk or VM): the client hears 500 after the publish timeout, never
+    # 202, and its retry of the same event_id is stored once.
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"ok.vn": [backend.url]}, nats={"publish_timeout_seconds": 1})
+    server_pid = int((nats_server.embedded.data_dir / "nats-server.pid").read_text())
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            os.kill(server_pid, signal.SIGSTOP)
+            try:
+                refused = await service.post_event(call_event("ok.vn", "frozen", event_id="frozen-1"))
+            finally:
+                os.kill(server_pid, signal.SIGCONT)
+            assert refused.status_code == 500
+            assert refused.json()["event_id"] == "frozen-1"
+            assert "timed out" in refused.json()["error"]
+
+            retried = await service.post_event(call_event("ok.vn", "frozen", event_id="frozen-1"))
+            assert retried.status_code == 202
+            await backend.wait_count(1)
+            stream = (await service.client.get(f"{service.url}/api/stream/messages", params={"domain": "ok.vn"})).json()
+    assert [m["data"]["event_id"] for m in stream["messages"]] == ["frozen-1"]
+    assert [b["event_id"] for b in backend.bodies()] == ["frozen-1"]
 
 
 async def test_broker_outage_mid_load_loses_no_accepted_event(
