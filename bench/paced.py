@@ -21,17 +21,31 @@ _connections = local()
 
 def post(host: str, port: int, body: bytes) -> tuple[int, float]:
     started = time.perf_counter()
-    connection = getattr(_connections, "connection", None)
-    if connection is None:
-        connection = _connections.connection = http.client.HTTPConnection(host, port, timeout=10)
-    try:
-        connection.request("POST", "/events", body, {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        response.read()
-        status = response.status
-    except OSError:
-        _connections.connection = None
-        status = 0
+    status = 0
+    for _ in range(2):
+        # A kept-alive connection the server has closed meanwhile (idle too
+        # long) fails before the request reaches it: retry once on a new one,
+        # as HTTP clients do.
+        reused = getattr(_connections, "connection", None)
+        connection = reused or http.client.HTTPConnection(host, port, timeout=10)
+        _connections.connection = connection
+        try:
+            connection.request("POST", "/events", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            status = response.status
+            break
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as error:
+            connection.close()
+            _connections.connection = None
+            if reused is None:
+                print(f"POST failed: {error!r}", file=sys.stderr)
+                break
+        except OSError as error:
+            connection.close()
+            _connections.connection = None
+            print(f"POST failed: {error!r}", file=sys.stderr)
+            break
     return status, (time.perf_counter() - started) * 1000
 
 

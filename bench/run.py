@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -101,20 +102,31 @@ def wrk(url: str, seconds: float, domains: list[str], connections: int = 32) -> 
 
 @dataclass
 class Sink:
+    """A running bench/sink.py. Its reports are read as they come, by a thread of their own:
+    a sink whose stdout pipe fills up blocks on print and stops answering webhooks."""
+
     process: subprocess.Popen
     url: str
     received: int = 0
     latencies: list[float] = field(default_factory=list)
+    reported_at: float = 0.0
+    reports: threading.Condition = field(default_factory=threading.Condition)
+
+    def read_reports(self) -> None:
+        for raw in self.process.stdout:
+            line = json.loads(raw)
+            with self.reports:
+                self.received = line["received"]
+                self.latencies += line["latencies_ms"]
+                self.reported_at = line["at"]
+                self.reports.notify_all()
 
     def poll(self) -> None:
-        """Read the sink's reports (one a second) up to the first one made after this call."""
+        """Wait for the sink's first report made after this call (it reports once a second)."""
         asked = time.time()
-        while True:
-            line = json.loads(self.process.stdout.readline())
-            self.received = line["received"]
-            self.latencies += line["latencies_ms"]
-            if line["at"] >= asked:
-                return
+        with self.reports:
+            if not self.reports.wait_for(lambda: self.reported_at >= asked, timeout=10):
+                raise RuntimeError(f"sink {self.url} stopped reporting")
 
 
 def start_sink(processes: list, hang: bool = False) -> Sink:
@@ -123,6 +135,7 @@ def start_sink(processes: list, hang: bool = False) -> Sink:
     process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     processes.append(process)
     sink = Sink(process, f"http://127.0.0.1:{port}/webhook")
+    threading.Thread(target=sink.read_reports, daemon=True).start()
     sink.poll()
     return sink
 
