@@ -31,8 +31,8 @@ from pipeline.events import AcceptedEvent, consumer_name, domain_subject, domain
 
 log = structlog.get_logger(component="nats")
 
-# An idle consumer's fetch waits this long for its first message; a busy one
-# collects what else arrives within the batch window, then hands the batch on.
+# A consumer with nothing waiting long-polls for one message this long; one with
+# a backlog takes a batch of what is waiting, collecting for at most the window.
 IDLE_FETCH_SECONDS = 5.0
 BATCH_WINDOW_SECONDS = 0.005
 DRAIN_TIMEOUT_SECONDS = 5.0
@@ -82,7 +82,7 @@ class DomainConsumer:
         self.name = consumer_name(domain)
         self._js = js
         self._subscription = subscription
-        self._busy = False
+        self._backlog = False  # the last delivery said more messages were waiting
         # A pull subscription does not recover by itself after a server restart
         # (nats.py #504): after any reconnect the consumer is opened anew.
         self._connection = js.connection_number
@@ -96,12 +96,15 @@ class DomainConsumer:
             raise NatsUnavailable("not connected to NATS")
         if self._connection != self._js.connection_number:
             raise NatsUnavailable("reconnected to NATS")
-        batch, wait = (max_messages, BATCH_WINDOW_SECONDS) if self._busy else (1, IDLE_FETCH_SECONDS)
+        # nats-py's fetch(n) waits for all n (or the expiry), so a batch is asked
+        # for only when messages are known to be waiting; otherwise a fetch of
+        # one returns as soon as the next event is stored.
+        batch, wait = (max_messages, BATCH_WINDOW_SECONDS) if self._backlog else (1, IDLE_FETCH_SECONDS)
         try:
             messages = await aio_as_trio(self._fetch)(batch, wait)
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"fetch failed: {error or type(error).__name__}") from error
-        self._busy = bool(messages)
+        self._backlog = bool(messages) and messages[-1].metadata.num_pending > 0
         return [
             Delivery(
                 data=message.data,
