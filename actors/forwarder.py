@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import httpx
+import httpcore
 import structlog
 import trio
 from trio_util import AsyncValue
@@ -23,6 +23,8 @@ from pipeline.signing import signature_headers
 log = structlog.get_logger(component="forwarder")
 
 USER_AGENT = "telephony-forwarder"
+# Idle connections to an endpoint are closed after this long (httpx's default).
+KEEPALIVE_EXPIRY_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +76,8 @@ class Forwarder:
         self._max_deliveries = max_deliveries
         self._grace_seconds = grace_seconds
         self._tls = tls
-        self._timeout = httpx.Timeout(config.timeout_seconds).as_dict()
-        self._pools: dict[str, httpx.AsyncHTTPTransport] = {}  # endpoint URL → its connection pool
+        self._timeout = dict.fromkeys(("connect", "read", "write", "pool"), config.timeout_seconds)
+        self._pools: dict[str, httpcore.AsyncConnectionPool] = {}  # endpoint URL → its connection pool
         self._nursery: trio.Nursery | None = None
         self.in_flight = 0  # events being forwarded now, for the operator's view
 
@@ -93,20 +95,24 @@ class Forwarder:
                 for pool in self._pools.values():
                     await pool.aclose()
 
-    def _pool_for(self, url: str) -> httpx.AsyncHTTPTransport:
+    def _pool_for(self, url: str) -> httpcore.AsyncConnectionPool:
         """The connection pool of one endpoint, opened at its first request.
 
         Pools belong to one domain's forwarder, so a hanging backend of one
         domain never holds connections another domain needs; one pool per
         endpoint keeps the scan of idle connections that httpcore makes on
         every request short. The room semaphore bounds
-        concurrency; httpx's own timeout bounds each request (cancelling httpx
+        concurrency; httpcore's own timeout bounds each request (cancelling it
         from outside leaks pool slots: httpcore #1093).
         """
         pool = self._pools.get(url)
         if pool is None:
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=self._config.max_in_flight_per_domain)
-            pool = self._pools[url] = httpx.AsyncHTTPTransport(verify=self._tls, limits=limits)
+            pool = self._pools[url] = httpcore.AsyncConnectionPool(
+                ssl_context=self._tls,
+                max_connections=None,
+                max_keepalive_connections=self._config.max_in_flight_per_domain,
+                keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
+            )
         return pool
 
     def _retire_pools(self, endpoints: tuple[Endpoint, ...]) -> None:
@@ -115,7 +121,7 @@ class Forwarder:
         for url in [url for url in self._pools if url not in current]:
             self._nursery.start_soon(self._close_later, self._pools.pop(url))
 
-    async def _close_later(self, pool: httpx.AsyncHTTPTransport) -> None:
+    async def _close_later(self, pool: httpcore.AsyncConnectionPool) -> None:
         try:
             await trio.sleep(self._config.timeout_seconds)
         finally:
@@ -218,20 +224,18 @@ class Forwarder:
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> str | None:
         """POST ``body``; None when the endpoint answered 2xx, else what went wrong.
 
-        Straight to the endpoint's transport: a client's layers (cookies, auth,
-        redirects, URL merging) do nothing for a webhook but cost CPU per request.
+        Straight to httpcore, the connection pool under httpx: httpx's client
+        layers and models (cookies, auth, redirects, URL and header objects)
+        do nothing for a webhook and cost CPU on every request.
         """
-        request = httpx.Request("POST", url, content=body, headers=headers, extensions={"timeout": self._timeout})
         try:
-            response = await self._pool_for(url).handle_async_request(request)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-        except httpx.TimeoutException as error:
+            response = await self._pool_for(url).request(
+                "POST", url, headers=list(headers.items()), content=body, extensions={"timeout": self._timeout}
+            )
+        except httpcore.TimeoutException as error:
             return f"timeout ({type(error).__name__})"
-        except httpx.HTTPError as error:
+        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol) as error:
             return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        if response.is_success:
+        if 200 <= response.status < 300:
             return None
-        return f"HTTP {response.status_code}"
+        return f"HTTP {response.status}"

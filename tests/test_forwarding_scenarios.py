@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import trio
 from structlog.testing import capture_logs
 
 from pipeline.events import consumer_name
 from tests.conftest import StartBackend
-from tests.harness import HANG, NatsServer, call_event, make_config, running_service
+from tests.harness import HANG, NatsServer, call_event, free_port, make_config, running_service
 
 SCENARIO_TIMEOUT = 30
 
@@ -101,6 +103,31 @@ async def test_always_failing_endpoint_gets_exactly_max_deliveries(nats_server, 
     assert failures[0]["errors"] == {broken.url: "HTTP 503"}
     [given_up] = [record for record in logs if record["event"].startswith("Event given up after last delivery attempt")]
     assert given_up["call_id"] == "doomed" and given_up["delivery_attempt"] == 3
+
+
+async def _answer_garbage(stream: trio.SocketStream) -> None:
+    async with stream:
+        await stream.receive_some()
+        await stream.send_all(b"this is not HTTP\r\n\r\n")
+
+
+async def test_refusing_and_non_http_endpoints_count_as_failures(
+    nats_server, start_backend: StartBackend, nursery: trio.Nursery
+):
+    good = await start_backend()
+    [listener] = await nursery.start(partial(trio.serve_tcp, _answer_garbage, 0, host="127.0.0.1"))
+    garbage = f"http://127.0.0.1:{listener.socket.getsockname()[1]}/webhook"
+    refusing = f"http://127.0.0.1:{free_port()}/webhook"  # nothing listens there
+    config = make_config(nats_server.url, {"mixed.example": [good.url, garbage, refusing]})
+    with trio.fail_after(SCENARIO_TIMEOUT), capture_logs() as logs:
+        async with running_service(config) as service:
+            await service.post_event(call_event("mixed.example", "mixed-1"))
+            await good.wait_count(2)  # the failure is redelivered to every endpoint
+    assert good.attempts_of("mixed-1")[:2] == [1, 2]
+    failure = next(record for record in logs if record["event"] == "Failed to forward event")
+    assert set(failure["errors"]) == {garbage, refusing}
+    assert failure["errors"][garbage].startswith("RemoteProtocolError")
+    assert failure["errors"][refusing].startswith("ConnectError")
 
 
 async def test_endpoint_timeout_counts_as_failure(nats_server, start_backend: StartBackend):
