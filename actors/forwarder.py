@@ -101,9 +101,9 @@ class Forwarder:
         Pools belong to one domain's forwarder, so a hanging backend of one
         domain never holds connections another domain needs; one pool per
         endpoint keeps the scan of idle connections that httpcore makes on
-        every request short. The room semaphore bounds
-        concurrency; httpcore's own timeout bounds each request (cancelling it
-        from outside leaks pool slots: httpcore #1093).
+        every request short. The room semaphore bounds concurrency; httpcore's
+        own timeout bounds each request (cancelling it from outside leaks pool
+        slots: httpcore #1093).
         """
         pool = self._pools.get(url)
         if pool is None:
