@@ -231,6 +231,7 @@ def fixed_rate(work: Path, seconds: float, rate: float, domains: int, processes:
         routes["stuck.example.vn"] = [stuck.url]
         load_domains.append("stuck.example.vn")
     service = start_service(work, routes, processes)
+    cpu_before = cpu_seconds(service.pid)
     out = subprocess.run(
         [sys.executable, str(HERE / "paced.py"), service.url, str(rate), str(seconds), ",".join(load_domains)],
         capture_output=True,
@@ -240,6 +241,7 @@ def fixed_rate(work: Path, seconds: float, rate: float, domains: int, processes:
     paced = json.loads(out)
     healthy = paced["accepted"] - (paced["accepted"] // len(load_domains) if hanging else 0)
     drain(sinks, healthy - 1, timeout=30)
+    cpu = cpu_seconds(service.pid) - cpu_before
     latencies = sinks[0].latencies + sinks[1].latencies
     result = {
         "rate": rate,
@@ -251,6 +253,8 @@ def fixed_rate(work: Path, seconds: float, rate: float, domains: int, processes:
         "e2e_p90_ms": percentile(latencies, 0.90),
         "e2e_p99_ms": percentile(latencies, 0.99),
         "delivered": min(s.received for s in sinks),
+        "cpu_s_per_1000_events": round(cpu / max(paced["accepted"], 1) * 1000, 3),
+        "peak_rss_mb": round(memory_mb(service.pid, "VmHWM"), 1),
     }
     stop(service.process)
     for process in processes:
@@ -353,8 +357,50 @@ def main() -> None:
     record = {"date": stamp, "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]), "results": results}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / f"{stamp}.json").write_text(json.dumps(record, indent=2) + "\n")
-    for name, values in results.items():
-        print(f"{name:24} " + "  ".join(f"{key}={value}" for key, value in values.items()))
+    print(table(results))
+    print(f"\nJSON: {(HERE / 'results' / f'{stamp}.json').relative_to(HERE.parent)}")
+
+
+def table(results: dict[str, dict]) -> str:
+    """The results as a Markdown table (what bench/RESULTS.md quotes)."""
+
+    def number(value: float | None, digits: int = 1) -> str:
+        return "" if value is None else f"{value:,.{digits}f}"
+
+    rows = [
+        "| scenario | accepted/s | forwarded/s | ratio to baseline | POST p99 ms | e2e p50 / p90 / p99 ms "
+        "| CPU s per 1,000 events | peak RSS MB | backlog at end |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if name == "memory":
+            continue
+        e2e = " / ".join(number(r.get(k)) for k in ("e2e_p50_ms", "e2e_p90_ms", "e2e_p99_ms")) if "rate" in r else ""
+        if "p99_increase" in r:
+            e2e += f" ({r['p99_increase']:+.1%} p99)"
+        accepted = r.get("accepted_per_s", r.get("requests_per_s", r.get("rate")))
+        forwarded = r.get("forwarded_during_load_per_s")
+        if "delivered" in r:  # paced: the events that reached the sinks, per second of the schedule
+            forwarded = r["rate"] * r["delivered"] / max(r["accepted"], 1)
+        cells = [
+            name,
+            number(accepted),
+            number(forwarded),
+            number(r.get("ratio_to_baseline", 1.0 if name == "baseline" else None), 3),
+            number(r.get("post_p99_ms")),
+            e2e,
+            number(r.get("cpu_s_per_1000_events"), 2),
+            number(r.get("peak_rss_mb")),
+            str(r.get("backlog_at_end_of_load", "")),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    if "memory" in results:
+        m = results["memory"]
+        rows.append(
+            f"\nMemory: {m['events']:,} events over 50 domains x 2 endpoints; RSS {m['rss_at_half_mb']} MB at half, "
+            f"{m['rss_at_end_mb']} MB at the end, peak {m['peak_rss_mb']} MB."
+        )
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

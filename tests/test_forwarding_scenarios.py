@@ -33,6 +33,7 @@ async def test_event_fans_out_to_every_endpoint_of_its_domain(nats_server, start
         }
         assert request.headers["content-type"] == "application/json"
         assert request.headers["idempotency-key"] == answer["event_id"]
+        assert request.headers["user-agent"] == "telephony-forwarder"
 
 
 async def test_domains_with_dots_reach_only_their_own_endpoints(nats_server, start_backend: StartBackend):

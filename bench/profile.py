@@ -1,0 +1,131 @@
+"""Where the service's CPU goes: py-spy on the running service under load.
+
+Run from the project root (needs wrk, and py-spy: `pip install py-spy`):
+
+    python bench/profile.py            # 1 domain x 2 endpoints, wrk at maximum rate
+    python bench/profile.py --rate 250 # the same at a fixed rate (bench/paced.py)
+    python bench/profile.py --ingest   # POST /events only, no route
+
+Samples only while the service holds the GIL (py-spy --gil), so waiting is not
+counted. Prints the CPU per event and the share of samples by part of the
+pipeline, then the functions most often on the stack; keeps py-spy's raw
+stacks in bench/results/profile-<date>.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+from run import HERE, cpu_seconds, start_service, start_sink, stop, wrk
+
+DOMAIN = "bench.example.vn"
+# Each stack is counted once, for the first part whose marker it contains.
+PARTS = [
+    ("domain logs (structlog, log writer)", ["structlog", "log_writer.py", "log_setup.py"]),
+    ("webhook POSTs (httpcore, h11)", ["httpcore", "httpx"]),
+    ("forwarder, own code", ["forwarder.py"]),
+    ("stats collector", ["stats.py"]),
+    ("consumers' fetch loops", ["subscriber.py"]),
+    ("acknowledger", ["acknowledger.py"]),
+    ("ingress actor (publish batches)", ["actors/ingress.py"]),
+    ("HTTP ingress (hypercorn, POST /events)", ["hypercorn", "web/ingress.py", "quart"]),
+    ("nats-py on the trio-asyncio loop", ["nats/", "trio_asyncio", "asyncio"]),
+    ("trio worker threads", ["_thread_cache.py", "_threads.py"]),
+    ("trio scheduler and I/O", ["trio/"]),
+]
+
+
+# Frames under which everything runs: always on the stack, so they say nothing.
+ROOT_FRAMES = ("<module>", "_run_module_as_main", "_run_code", "main (cli.py)", "run (_run.py)", "unrolled_run")
+
+
+def part_of(stack: str) -> str:
+    for name, markers in PARTS:
+        if any(marker in stack for marker in markers):
+            return name
+    return "other (no Python frame: C code, GC)"
+
+
+def function_of(frame: str) -> str:
+    name, _, place = frame.partition(" (")
+    return f"{name} ({place.rsplit('/', 1)[-1].split(':')[0]})" if place else name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=12)
+    parser.add_argument("--rate", type=float, help="events/s (paced); default: wrk at maximum rate")
+    parser.add_argument("--ingest", action="store_true", help="no route: measure POST /events alone")
+    args = parser.parse_args()
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if py_spy is None or shutil.which("wrk") is None:
+        raise SystemExit("needs py-spy (pip install py-spy) and wrk (apt-get install wrk)")
+    work = Path(tempfile.mkdtemp(prefix="tf-profile-"))
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
+    raw = HERE / "results" / f"profile-{stamp}.txt"
+    raw.parent.mkdir(exist_ok=True)
+    processes: list[subprocess.Popen] = []
+    try:
+        sinks = [start_sink(processes), start_sink(processes)]
+        routes = {} if args.ingest else {DOMAIN: [sink.url for sink in sinks]}
+        service = start_service(work / "service", routes, processes)
+        spy = subprocess.Popen(
+            [py_spy, "record", "--pid", str(service.pid), "--duration", str(args.seconds), "--rate", "200"]
+            + ["--format", "raw", "--output", str(raw), "--nonblocking", "--gil"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        cpu_before = cpu_seconds(service.pid)
+        if args.rate:
+            out = subprocess.run(
+                [sys.executable, str(HERE / "paced.py"), service.url, str(args.rate), str(args.seconds), DOMAIN],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            accepted = json.loads(out)["accepted"]
+        else:
+            load = wrk(f"{service.url}/events", args.seconds, [DOMAIN])
+            accepted = load["requests"] - load["errors"]
+        cpu = cpu_seconds(service.pid) - cpu_before
+        for sink in sinks:
+            sink.poll()
+        spy.wait()
+    finally:
+        for process in processes:
+            stop(process)
+        shutil.rmtree(work, ignore_errors=True)
+
+    parts: Counter[str] = Counter()
+    functions: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        samples = int(count)
+        total += samples
+        parts[part_of(stack)] += samples
+        for function in {function_of(frame) for frame in stack.split(";")}:
+            if not function.startswith(ROOT_FRAMES):
+                functions[function] += samples
+    forwarded = min(sink.received for sink in sinks)
+    print(f"accepted {accepted} events in {args.seconds} s, forwarded {forwarded} to both sinks")
+    print(f"service CPU {cpu:.2f} s: {cpu / max(accepted, 1) * 1000:.2f} ms per accepted event")
+    print(f"\nshare of {total} samples by part of the pipeline")
+    for name, samples in parts.most_common():
+        print(f"{100 * samples / total:5.1f} %  {name}")
+    print("\nfunctions most often on the stack (inclusive)")
+    for name, samples in functions.most_common(40):
+        print(f"{100 * samples / total:5.1f} %  {name}")
+    print(f"\nraw stacks: {raw.relative_to(HERE.parent)}")
+
+
+if __name__ == "__main__":
+    main()
