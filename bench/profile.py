@@ -113,7 +113,7 @@ def main() -> None:
         total += samples
         parts[part_of(stack)] += samples
         for function in {function_of(frame) for frame in stack.split(";")}:
-            if not function.startswith(ROOT_FRAMES):
+            if function and not function.startswith(ROOT_FRAMES):
                 functions[function] += samples
     forwarded = min(sink.received for sink in sinks)
     print(f"accepted {accepted} events in {args.seconds} s, forwarded {forwarded} to both sinks")
