@@ -1,6 +1,6 @@
 """Where the service's CPU goes: py-spy on the running service under load.
 
-Run from the project root (needs wrk, and py-spy: `pip install py-spy`):
+Run from the project root (needs py-spy: `pip install py-spy`; wrk as for bench/run.py):
 
     python bench/profile.py            # 1 domain x 2 endpoints, wrk at maximum rate
     python bench/profile.py --rate 250 # the same at a fixed rate (bench/paced.py)
@@ -24,7 +24,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
-from run import HERE, cpu_seconds, start_service, start_sink, stop, wrk
+from run import HERE, cpu_seconds, ensure_wrk, start_service, start_sink, stop, wrk
 
 DOMAIN = "bench.example.vn"
 # Each stack is counted once, for the first part whose marker it contains.
@@ -66,8 +66,9 @@ def main() -> None:
     parser.add_argument("--ingest", action="store_true", help="no route: measure POST /events alone")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
-    if py_spy is None or shutil.which("wrk") is None:
-        raise SystemExit("needs py-spy (pip install py-spy) and wrk (apt-get install wrk)")
+    if py_spy is None:
+        raise SystemExit("needs py-spy: pip install py-spy")
+    ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="tf-profile-"))
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
     raw = HERE / "results" / f"profile-{stamp}.txt"

@@ -1,6 +1,6 @@
 """The load benchmark: the service against its bare-stack baseline, measured in one run.
 
-Run from the project root (wrk from Debian's package; the script says so if it is missing):
+Run from the project root (wrk from Debian's package: found on the PATH, or installed with apt-get):
 
     python bench/run.py                 # every scenario, 10 s each
     python bench/run.py --seconds 20 --memory-events 1000000
@@ -72,6 +72,18 @@ def percentile(values: list[float], fraction: float) -> float | None:
         return None
     ordered = sorted(values)
     return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))], 2)
+
+
+def ensure_wrk() -> None:
+    """Find wrk, or install Debian's package (as root, or through sudo)."""
+    if shutil.which("wrk"):
+        return
+    if shutil.which("apt-get") is None:
+        raise SystemExit("wrk not found, and no apt-get to install it with: install wrk and run again")
+    apt = ([] if os.geteuid() == 0 else ["sudo"]) + ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get"]
+    print("Installing Debian's wrk for the load…", file=sys.stderr)
+    subprocess.run([*apt, "update", "-qq"], check=True)
+    subprocess.run([*apt, "install", "-y", "-qq", "wrk"], check=True)
 
 
 def wrk(url: str, seconds: float, domains: list[str], connections: int = 32) -> dict:
@@ -296,8 +308,7 @@ def main() -> None:
     parser.add_argument("--memory-events", type=int, default=0, help="also run the memory scenario (e.g. 1000000)")
     parser.add_argument("--only", nargs="*", help="scenario names to run")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk not found: apt-get install wrk")
+    ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="tf-bench-"))
     processes: list[subprocess.Popen] = []
     results: dict[str, dict] = {}
