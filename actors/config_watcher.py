@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ from trio_util import AsyncValue, periodic
 
 from pipeline.access import IngressAccess
 from pipeline.config import Config, ConfigError, ConfigUnreadable, load_config
+from pipeline.nats_bridge import NatsUnavailable
 from pipeline.routes import Routes
 
 log = structlog.get_logger(component="config")
@@ -56,8 +58,9 @@ class ConfigWatcher:
     POST /api/config/reload. Out: the new routes, swapped whole into
     ``routes`` (readers see the old mapping or the new one, never a mix), and
     the ingress's API keys and rate limits into ``access``. The file is
-    validated exactly as at start; an invalid file leaves the old ones
-    active. Only ``routes`` and ``ingress`` are applied; other changed
+    validated exactly as at start, and ``admit_routes`` makes room for the
+    routed domains' consumers (or refuses); an invalid file leaves the old
+    ones active. Only ``routes`` and ``ingress`` are applied; other changed
     sections get a warning that they need a restart. Reloads are serialised. Runs until
     ``stopping`` is set.
     """
@@ -70,8 +73,11 @@ class ConfigWatcher:
         access: AsyncValue[IngressAccess],
         requests: trio.MemoryReceiveChannel[ReloadRequest],
         stopping: trio.Event,
+        *,
+        admit_routes: Callable[[int], Awaitable[None]],
     ) -> None:
         self._path = path
+        self._admit_routes = admit_routes
         self._stopping = stopping
         self._running = running
         self._routes = routes
@@ -123,6 +129,11 @@ class ConfigWatcher:
         except ConfigError as error:
             log.error("Config reload rejected; keeping the active routes", reason=str(error))
             return ReloadResult(400, str(error), len(self.active.routes))
+        try:
+            await self._admit_routes(len(config.routes))
+        except (ConfigError, NatsUnavailable) as error:
+            log.error("Config reload rejected; keeping the active routes", reason=str(error))
+            return ReloadResult(400 if isinstance(error, ConfigError) else 503, str(error), len(self.active.routes))
         self._warn_about_unapplied(config)
         routes = config.endpoints_by_domain()
         self._access.value = config.ingress_access()

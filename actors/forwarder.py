@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -13,10 +12,10 @@ import structlog
 import trio
 from trio_util import AsyncValue
 
-from actors.stats import ForwardOutcome, rfc3339
+from actors.stats import ForwardOutcome
 from pipeline.config import ForwardingConfig
-from pipeline.events import describe
-from pipeline.nats_bridge import Delivery, NatsUnavailable
+from pipeline.events import describe, event_key
+from pipeline.nats_bridge import Delivery
 from pipeline.routes import Endpoint, Routes
 from pipeline.signing import signature_headers
 
@@ -42,8 +41,8 @@ class Forwarder:
     to the acknowledger, and one ``ForwardOutcome`` per attempt to the stats
     collector. Any other outcome is left unacked, so JetStream
     redelivers it after ack_wait, up to max_deliveries: there is no retry loop
-    here. After the last failed attempt the event goes to the dead-letter
-    stream (with each endpoint's error) and only then is acked. Endpoints are
+    here. After the last attempt JetStream says it gave up, and the dead-letter
+    writer files the event (with the errors recorded here). Endpoints are
     read from the routes at each attempt, so a redelivery goes to the
     endpoints configured now. Returns when the inbox is closed and
     in-flight forwards have finished (or the grace period ran out); closes its
@@ -58,7 +57,6 @@ class Forwarder:
         outcomes: trio.MemorySendChannel[ForwardOutcome],
         room: trio.Semaphore,
         routes: AsyncValue[Routes],
-        dead_letter: Callable[[str, str, int, bytes], Awaitable[None]],
         config: ForwardingConfig,
         *,
         max_deliveries: int,
@@ -71,7 +69,6 @@ class Forwarder:
         self._outcomes = outcomes
         self._room = room
         self._routes = routes
-        self._dead_letter = dead_letter
         self._config = config
         self._max_deliveries = max_deliveries
         self._grace_seconds = grace_seconds
@@ -160,8 +157,9 @@ class Forwarder:
             return
         event["delivery_attempt"] = delivery.delivery_attempt
         body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
-        event_id = str(event.get("event_id", ""))
-        headers = {"Content-Type": "application/json", "Idempotency-Key": event_id, "User-Agent": USER_AGENT}
+        # Unique across tenants, who may choose the same event_id: what backends deduplicate on.
+        key = event_key(self.domain, str(event.get("event_id", "")))
+        headers = {"Content-Type": "application/json", "Idempotency-Key": key, "User-Agent": USER_AGENT}
         event_log.info("Forwarding event", endpoints=len(endpoints))
         if len(self._pools) > len(endpoints):
             self._retire_pools(endpoints)
@@ -169,7 +167,7 @@ class Forwarder:
         results: list[EndpointResult] = []
 
         async def post(endpoint: Endpoint) -> None:
-            signed = headers | signature_headers(endpoint.secret, event_id, body) if endpoint.secret else headers
+            signed = headers | signature_headers(endpoint.secret, key, body) if endpoint.secret else headers
             results.append(EndpointResult(endpoint.url, await self._post(endpoint.url, body, signed)))
 
         async with trio.open_nursery() as nursery:
@@ -185,6 +183,7 @@ class Forwarder:
             max_deliveries=self._max_deliveries,
             at=datetime.now(UTC),
             errors=errors or None,
+            stream_sequence=delivery.stream_sequence,
         )
         await self._outcomes.send(outcome)
         if not errors:
@@ -192,34 +191,13 @@ class Forwarder:
             # payload: the full event, for the domain's log file only (never stdout).
             event_log.info("Event forwarded successfully", endpoints=len(endpoints), payload=event)
             return
-        failure_log = event_log.bind(errors=errors, max_deliveries=self._max_deliveries)
-        failure_log.warning("Failed to forward event", will_retry=outcome.will_retry, payload=event)
-        if not outcome.will_retry:
-            await self._give_up(delivery, event, outcome, failure_log)
-
-    async def _give_up(
-        self, delivery: Delivery, event: dict, outcome: ForwardOutcome, failure_log: structlog.BoundLogger
-    ) -> None:
-        """The last attempt failed: keep the event as a dead letter, then let the stream forget it."""
-        envelope = {
-            "event_id": outcome.fields.get("event_id"),
-            "domain": self.domain,
-            "call_id": outcome.fields.get("call_id"),
-            "failed_at": rfc3339(outcome.at),
-            "delivery_attempts": delivery.delivery_attempt,
-            "errors": outcome.errors,
-            "event": event,
-        }
-        try:
-            await self._dead_letter(
-                self.domain, str(envelope["event_id"]), delivery.stream_sequence, json.dumps(envelope).encode()
-            )
-        except NatsUnavailable as error:
-            # Not acked: the event stays in the stream, visible in /api/stream/messages.
-            failure_log.error("Event given up; storing the dead letter failed", error=str(error))
-            return
-        await self._acks.send(delivery)
-        failure_log.error("Event given up after last delivery attempt; kept as a dead letter")
+        event_log.warning(
+            "Failed to forward event",
+            errors=errors,
+            max_deliveries=self._max_deliveries,
+            will_retry=outcome.will_retry,
+            payload=event,
+        )
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> str | None:
         """POST ``body``; None when the endpoint answered 2xx, else what went wrong.

@@ -33,6 +33,7 @@ class ForwardOutcome:
     max_deliveries: int
     at: datetime
     errors: dict[str, str] | None = None  # endpoint → what went wrong; None: every endpoint answered 2xx
+    stream_sequence: int = 0  # where the event is stored
 
     @property
     def succeeded(self) -> bool:
@@ -151,6 +152,13 @@ class StatsCollector:
             store.successful.appendleft(outcome)
         else:
             store.failed.appendleft(outcome)
+
+    def last_failure(self, domain: str, stream_sequence: int) -> ForwardOutcome | None:
+        """The latest failed attempt at the event stored at ``stream_sequence``, if still kept."""
+        store = self._domains.get(domain)
+        if store is None:
+            return None
+        return next((failure for failure in store.failed if failure.stream_sequence == stream_sequence), None)
 
     def events(
         self, kind: EventType = "all", domain: str | None = None, limit: int = 100

@@ -15,7 +15,7 @@ from trio_util import AsyncValue
 from actors.forwarder import Forwarder
 from actors.stats import ForwardOutcome
 from pipeline.config import Config
-from pipeline.nats_bridge import Delivery, DomainConsumer, JetStream, NatsUnavailable
+from pipeline.nats_bridge import Delivery, JetStream, NatsUnavailable, PullConsumer
 from pipeline.routes import Routes
 
 log = structlog.get_logger(component="subscriber")
@@ -103,7 +103,6 @@ class Subscriber:
             self._outcomes.clone(),
             room,
             self._routes,
-            self._jetstream.dead_letter,
             self._config.forwarding,
             max_deliveries=self._config.nats.max_deliveries,
             grace_seconds=self._config.server.shutdown_grace_seconds,
@@ -128,7 +127,7 @@ class Subscriber:
         self, domain: str, forwarder: trio.MemorySendChannel[Delivery], room: trio.Semaphore
     ) -> None:
         max_in_flight = self._config.forwarding.max_in_flight_per_domain
-        consumer: DomainConsumer | None = None
+        consumer: PullConsumer | None = None
         try:
             while True:
                 try:

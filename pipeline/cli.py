@@ -91,10 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, output, domain_router)
     try:
         trio.run(_run_until_signalled, config, args.config, domain_router)
-    except EmbeddedNatsError as error:
-        print(f"telephony-forwarder: {error}", file=sys.stderr)
-        return 1
+    except BaseException as error:
+        # The operator's errors say what to change in one line; anything else is a bug: the traceback.
+        found = _operator_error(error)
+        if found is None:
+            raise
+        print(f"telephony-forwarder: {found}", file=sys.stderr)
+        return 2 if isinstance(found, ConfigError) else 1
     return 0
+
+
+def _operator_error(error: BaseException) -> ConfigError | EmbeddedNatsError | None:
+    """The configuration or embedded-server error inside ``error`` (nurseries wrap it in groups)."""
+    if isinstance(error, ConfigError | EmbeddedNatsError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := _operator_error(inner)) is not None:
+                return found
+    return None
 
 
 async def _run_until_signalled(config: Config, config_path: Path, domain_router: DomainLogRouter | None) -> None:

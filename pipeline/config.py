@@ -55,12 +55,20 @@ class NatsConfig(_Section):
     subject_pattern: str = "call.signal.*"
     ack_wait_seconds: float = Field(10.0, gt=0)
     max_deliveries: int = Field(3, ge=1)
-    # Stream retention: history for /api/stream/messages, and the waiting room of
-    # unrouted domains' events. Not forever: disks fill.
+    # The stream is a work queue: an event leaves it once every endpoint took it
+    # (or it became a dead letter). What waits longer than this (a domain with
+    # no route, a service stopped for days) is removed.
     max_age_days: float = Field(7.0, gt=0)
-    max_bytes: ByteSize = ByteSize(10 * 1024**3)
+    # Both streams reserve their size on disk up front; the defaults (with the
+    # small advisory stream) fit in the storage JetStream gives itself on 8 GB of free disk.
+    max_bytes: ByteSize = ByteSize(3 * 1024**3)
+    # Events one domain may have waiting; beyond it only that domain's new events get 503.
+    max_backlog_per_domain: int = Field(100_000, ge=1)
     # Events that used up max_deliveries are kept this long in the dead-letter stream.
     dead_letter_max_age_days: float = Field(30.0, gt=0)
+    dead_letter_max_bytes: ByteSize = ByteSize(1024**3)
+    # Copies of every stream and consumer on a cluster (1 on a single server).
+    replicas: int = Field(1, ge=1, le=5)
     # Window in which a repeated event_id (a client's retry) is stored once.
     duplicate_window_seconds: float = Field(120.0, gt=0)
     publish_timeout_seconds: float = Field(5.0, gt=0)

@@ -52,7 +52,7 @@ class AcceptedEvent:
     payload: bytes  # what is stored: the event as JSON
     fields: dict[str, Any]  # what identifies it in logs: see describe()
     event: dict[str, Any]  # the event as parsed, for the domain's log file
-    # Deduplication id when it must differ from event_id (a replay of a dead letter).
+    # Deduplication id when it must differ from event_key() (a replay of a dead letter).
     message_id: str | None = None
 
 
@@ -78,6 +78,15 @@ def parse_event(body: bytes) -> AcceptedEvent:
         raise InvalidEvent(f"event_id must be a string of 1-{MAX_EVENT_ID_LENGTH} printable characters without spaces")
     payload = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
     return AcceptedEvent(event_id, domain, payload, describe(event) | {"domain": domain}, event)
+
+
+def event_key(domain: str, event_id: str) -> str:
+    """``domain:event_id``: unique across tenants, which may choose the same event_id.
+
+    JetStream deduplicates on it (``Nats-Msg-Id``), and backends get it as
+    ``Idempotency-Key`` and ``webhook-id``. A domain never contains ``:``.
+    """
+    return f"{domain}:{event_id}"
 
 
 def domain_token(domain: str) -> str:

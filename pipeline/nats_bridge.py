@@ -8,7 +8,9 @@ batches: many publishes, many acks, one fetch of many messages.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import itertools
+import json
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,8 +28,8 @@ from nats.js import JetStreamContext, api
 from trio_asyncio import aio_as_trio
 from trio_util import AsyncBool
 
-from pipeline.config import NatsConfig
-from pipeline.events import AcceptedEvent, consumer_name, domain_subject, domain_token
+from pipeline.config import ConfigError, NatsConfig
+from pipeline.events import AcceptedEvent, consumer_name, domain_subject, domain_token, event_key, subject_domain
 
 log = structlog.get_logger(component="nats")
 
@@ -37,10 +39,46 @@ IDLE_FETCH_SECONDS = 5.0
 BATCH_WINDOW_SECONDS = 0.005
 DRAIN_TIMEOUT_SECONDS = 5.0
 RECONNECT_WAIT_SECONDS = 1.0
+# nats-server 2.15's default consumer limit per stream; the event stream's is
+# set explicitly, never below this, and raised with the routes.
+MIN_CONSUMER_LIMIT = 1000
+# The advisories of events JetStream gave up on are small (~250 bytes): this
+# holds hundreds of thousands while no dead-letter writer runs.
+ADVISORY_STREAM_BYTES = 64 * 1024**2
+# A dead-letter writer that took an advisory has this long to file it before
+# another instance gets it.
+ADVISORY_ACK_WAIT_SECONDS = 30.0
+# Unrouted domains whose oldest waiting event is looked up (one request each), largest backlog first.
+MAX_UNROUTED_LOOKUPS = 50
+# JetStream's errors worth naming to operators.
+_ERR_STREAM_LIMIT = 10077  # "maximum messages per subject exceeded", "maximum bytes exceeded", ...
+_ERR_INSUFFICIENT_STORAGE = 10047
+_ERR_REPLICAS_NOT_SUPPORTED = 10074
+
+
+def consumer_limit(routed_domains: int) -> int:
+    """The event stream's consumer limit for ``routed_domains`` (one consumer each), with room to grow."""
+    return max(MIN_CONSUMER_LIMIT, 2 * routed_domains)
 
 
 class NatsUnavailable(Exception):
     """NATS cannot serve the request now (disconnected, reconnected, consumer lost)."""
+
+
+class StreamRefused(Exception):
+    """JetStream refused to store an event because a limit is reached.
+
+    ``limit`` is ``domain_backlog`` (the domain's quota of waiting events) or
+    ``stream_full`` (the whole stream); ``str()`` says it for the client.
+    """
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class StreamSetupError(ConfigError):
+    """The streams cannot be set up as configured; ``str()`` is one line naming what to change."""
 
 
 # What nats-py raises when the server is away or the consumer is gone.
@@ -64,6 +102,19 @@ class StoredMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamBacklog:
+    """What waits in the event stream: the work queue's size and each domain's share."""
+
+    messages: int
+    bytes: int
+    max_bytes: int
+    by_domain: dict[str, int]
+    # When the oldest waiting event of each of the largest unrouted backlogs was stored.
+    oldest_unrouted: dict[str, datetime]
+    dead_letters: int  # kept in the dead-letter stream
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """One delivery of a stored event to this service."""
 
@@ -74,12 +125,11 @@ class Delivery:
     handle: Msg  # for acknowledging; opaque outside this module
 
 
-class DomainConsumer:
-    """A domain's durable pull consumer, bound to a subscription."""
+class PullConsumer:
+    """A durable pull consumer (a domain's, or the dead-letter writers'), bound to a subscription."""
 
-    def __init__(self, js: JetStream, domain: str, subscription: JetStreamContext.PullSubscription) -> None:
-        self.domain = domain
-        self.name = consumer_name(domain)
+    def __init__(self, js: JetStream, name: str, subscription: JetStreamContext.PullSubscription) -> None:
+        self.name = name
         self._js = js
         self._subscription = subscription
         self._backlog = False  # the last delivery said more messages were waiting
@@ -144,6 +194,12 @@ class JetStream:
         self._closing = False
         self._client = NatsClient()
         self._js: JetStreamContext | None = None
+        self.consumer_limit = MIN_CONSUMER_LIMIT  # of the event stream, once ensure_streams ran
+        # Our own replies to publishes (see _publish_async), per client.
+        self._reply_client: NatsClient | None = None
+        self._reply_prefix = ""
+        self._replies: dict[str, asyncio.Future[PublishReceipt]] = {}
+        self._reply_tokens = itertools.count()
 
     @property
     def server_url(self) -> str:
@@ -200,86 +256,225 @@ class JetStream:
         assert self._js is not None, "use open_jetstream()"
         return self._js
 
-    async def ensure_stream(self) -> None:
-        """Create the stream and its dead-letter stream, or bring existing ones' limits up to the config."""
-        stream = api.StreamConfig(
-            name=self.config.stream_name,
-            subjects=[self.config.subject_pattern],
-            storage=api.StorageType.FILE,
-            retention=api.RetentionPolicy.LIMITS,
-            max_age=self.config.max_age_days * 86400,
-            max_bytes=int(self.config.max_bytes),
-            duplicate_window=self.config.duplicate_window_seconds,
-        )
+    @property
+    def advisory_stream(self) -> str:
+        """Where JetStream's "gave up on this event" advisories wait for the dead-letter writer."""
+        return f"{self.config.stream_name}-given-up"
 
-        dead_letters = api.StreamConfig(
-            name=self.dead_letter_stream,
-            subjects=[f"dead-letters.{self.config.stream_name}.>"],
-            storage=api.StorageType.FILE,
-            retention=api.RetentionPolicy.LIMITS,
-            max_age=self.config.dead_letter_max_age_days * 86400,
-            max_bytes=int(self.config.max_bytes),
-            duplicate_window=self.config.duplicate_window_seconds,
-        )
+    def _stream_configs(self, consumer_limit: int) -> dict[str, api.StreamConfig]:
+        """Each stream's config, by the config key that sizes it."""
+        nats_config = self.config
+        return {
+            "nats.max_bytes": api.StreamConfig(
+                name=nats_config.stream_name,
+                subjects=[nats_config.subject_pattern],
+                storage=api.StorageType.FILE,
+                # An event leaves once acknowledged; history lives in /api/events and the log files.
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                # Full, the stream refuses new events; it never deletes waiting ones. One
+                # domain is one subject, so a domain over its quota refuses only its own.
+                discard=api.DiscardPolicy.NEW,
+                max_msgs_per_subject=nats_config.max_backlog_per_domain,
+                discard_new_per_subject=True,
+                max_age=nats_config.max_age_days * 86400,
+                max_bytes=int(nats_config.max_bytes),
+                max_consumers=consumer_limit,
+                duplicate_window=nats_config.duplicate_window_seconds,
+                num_replicas=nats_config.replicas,
+            ),
+            "nats.dead_letter_max_bytes": api.StreamConfig(
+                name=self.dead_letter_stream,
+                subjects=[f"dead-letters.{nats_config.stream_name}.>"],
+                storage=api.StorageType.FILE,
+                retention=api.RetentionPolicy.LIMITS,
+                max_age=nats_config.dead_letter_max_age_days * 86400,
+                max_bytes=int(nats_config.dead_letter_max_bytes),
+                duplicate_window=nats_config.duplicate_window_seconds,
+                num_replicas=nats_config.replicas,
+            ),
+            "nats.max_bytes (and the 64 MiB advisory stream)": api.StreamConfig(
+                name=self.advisory_stream,
+                # JetStream says here when it stops delivering an event, whether or not
+                # an instance is running to hear it.
+                subjects=[f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{nats_config.stream_name}.*"],
+                storage=api.StorageType.FILE,
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                max_age=nats_config.max_age_days * 86400,
+                max_bytes=ADVISORY_STREAM_BYTES,
+                num_replicas=nats_config.replicas,
+            ),
+        }
 
-        async def ensure(config: api.StreamConfig) -> None:
+    async def ensure_streams(self, routed_domains: int) -> None:
+        """Create the event, dead-letter and advisory streams, or bring existing ones up to the config.
+
+        Raises ``StreamSetupError`` (one line naming what to change) when the
+        server cannot hold them as configured or the event stream was made with
+        another retention.
+        """
+        limit = consumer_limit(routed_domains)
+
+        async def ensure(config: api.StreamConfig) -> api.StreamInfo:
             try:
-                await self._context.stream_info(config.name)
+                info = await self._context.stream_info(config.name)
             except nats.js.errors.NotFoundError:
-                await self._context.add_stream(config)
-            else:
-                await self._context.update_stream(config)
+                return await self._context.add_stream(config)
+            # nats-py parses the server's answer into plain strings, not the enum.
+            existing = api.RetentionPolicy(info.config.retention)
+            if existing != config.retention:
+                raise StreamSetupError(
+                    f"stream {config.name!r} has {existing.value} retention (made by an earlier "
+                    f"version) and JetStream cannot change it to {config.retention.value}: let it deliver "
+                    "what it holds, then delete it (embedded server: remove nats.data_dir) or set "
+                    "nats.stream_name to a new name"
+                )
+            return await self._context.update_stream(config)
 
-        await aio_as_trio(ensure)(stream)
-        await aio_as_trio(ensure)(dead_letters)
+        for key, config in self._stream_configs(limit).items():
+            try:
+                info = await aio_as_trio(ensure)(config)
+            except nats.js.errors.APIError as error:
+                raise self._setup_error(key, config, error) from None
+            replicas = info.config.num_replicas or 1
+            if replicas < self.config.replicas:
+                raise StreamSetupError(
+                    f"nats.replicas: stream {config.name!r} has {replicas} replicas, "
+                    f"{self.config.replicas} configured; the cluster did not apply them"
+                )
+        self.consumer_limit = limit
+
+    def _setup_error(self, key: str, config: api.StreamConfig, error: nats.js.errors.APIError) -> StreamSetupError:
+        if error.err_code == _ERR_INSUFFICIENT_STORAGE:
+            return StreamSetupError(
+                f"{key}: JetStream has too little storage for stream {config.name!r} "
+                f"({int(config.max_bytes or 0):,} bytes, reserved up front): lower {key.split()[0]} or free disk"
+            )
+        if error.err_code == _ERR_REPLICAS_NOT_SUPPORTED:
+            return StreamSetupError(
+                f"nats.replicas: {self.config.replicas} replicas need a NATS cluster; this server runs alone"
+            )
+        return StreamSetupError(f"stream {config.name!r}: JetStream refused it: {error.description}")
+
+    async def admit_routes(self, routed_domains: int) -> None:
+        """Make sure the event stream allows a consumer for each of ``routed_domains``.
+
+        Raises ``StreamSetupError`` when the server refuses to raise the limit.
+        """
+        limit = consumer_limit(routed_domains)
+        if limit <= self.consumer_limit:
+            return
+        config = self._stream_configs(limit)["nats.max_bytes"]
+        try:
+            info = await aio_as_trio(self._context.update_stream)(config)
+        except nats.js.errors.APIError as error:
+            raise StreamSetupError(
+                f"{routed_domains} routed domains need {limit} consumers on stream {config.name!r}; "
+                f"JetStream refused: {error.description}"
+            ) from None
+        except _NATS_ERRORS as error:
+            raise NatsUnavailable(f"cannot raise the consumer limit: {error or type(error).__name__}") from error
+        if (info.config.max_consumers or 0) < routed_domains:
+            raise StreamSetupError(
+                f"{routed_domains} routed domains need as many consumers; stream {config.name!r} "
+                f"allows {info.config.max_consumers}"
+            )
+        self.consumer_limit = limit
 
     async def publish_batch(self, events: Sequence[AcceptedEvent]) -> list[PublishReceipt | Exception]:
         """Store ``events`` in one bridge crossing; one receipt or error per event, in order.
 
-        Each is published with ``Nats-Msg-Id`` = event_id, so a repeat inside the
-        duplicate window is stored once (and reported as a duplicate).
+        Each is published with ``Nats-Msg-Id`` = ``event_key(domain, event_id)``,
+        so a repeat inside the duplicate window is stored once (and reported as
+        a duplicate). A limit JetStream enforces comes back as ``StreamRefused``.
         """
         if not self.connected.value:
             unavailable = NatsUnavailable("not connected to NATS")
             return [unavailable for _ in events]
         pattern = self.config.subject_pattern
 
-        async def publish_all() -> list[Any]:
-            # publish_async: every message goes out at once and one timer bounds
-            # the batch (js.publish would make a task and a timer per message).
-            futures: list[asyncio.Future | Exception] = []
+        async def publish_all() -> list[PublishReceipt | Exception]:
+            # Every message goes out at once and one timer bounds the batch.
+            replies: list[asyncio.Future[PublishReceipt] | Exception] = []
             for event in events:
                 try:
-                    futures.append(
-                        await self._context.publish_async(
+                    replies.append(
+                        await self._publish_async(
                             domain_subject(pattern, event.domain),
                             event.payload,
-                            headers={"Nats-Msg-Id": event.message_id or event.event_id},
+                            event.message_id or event_key(event.domain, event.event_id),
                         )
                     )
                 except Exception as error:  # this event's own outcome; the others go on
-                    futures.append(error)
-            pending = [future for future in futures if isinstance(future, asyncio.Future)]
+                    replies.append(error)
+            pending = [reply for reply in replies if isinstance(reply, asyncio.Future)]
             if pending:
                 await asyncio.wait(pending, timeout=self.config.publish_timeout_seconds)
-            results: list[Any] = []
-            for future in futures:
-                if isinstance(future, Exception):
-                    results.append(future)
-                elif not future.done():
-                    future.cancel()
+            results: list[PublishReceipt | Exception] = []
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    results.append(reply)
+                elif not reply.done():
+                    reply.cancel()
                     results.append(NatsUnavailable("timed out waiting for JetStream to store the event"))
-                elif future.exception() is not None:
-                    results.append(future.exception())
                 else:
-                    results.append(future.result())
+                    results.append(reply.exception() or reply.result())
             return results
 
-        results = await aio_as_trio(publish_all)()
-        return [
-            PublishReceipt(result.seq, bool(result.duplicate)) if isinstance(result, api.PubAck) else result
-            for result in results
-        ]
+        return await aio_as_trio(publish_all)()
+
+    async def _publish_async(self, subject: str, payload: bytes, message_id: str) -> asyncio.Future[PublishReceipt]:
+        """Publish to JetStream; the future resolves to the receipt or JetStream's refusal.
+
+        Not nats-py's ``publish_async``: when JetStream refuses a message (a full
+        stream, a domain over its quota) it hands the error to the connection's
+        error callback and never resolves the future, so the caller would wait
+        out its whole timeout and learn nothing.
+        """
+        client = self._client
+        if self._reply_client is not client:
+            self._reply_prefix = client.new_inbox() + "."
+            self._replies = {}
+            await client.subscribe(self._reply_prefix + "*", cb=self._on_publish_reply)
+            self._reply_client = client
+        token = str(next(self._reply_tokens))
+        reply: asyncio.Future[PublishReceipt] = asyncio.get_running_loop().create_future()
+        reply.add_done_callback(lambda _: self._replies.pop(token, None))
+        self._replies[token] = reply
+        try:
+            headers = {"Nats-Msg-Id": message_id}
+            await client.publish(subject, payload, reply=self._reply_prefix + token, headers=headers)
+        except BaseException:
+            reply.cancel()
+            raise
+        return reply
+
+    async def _on_publish_reply(self, message: Msg) -> None:
+        reply = self._replies.get(message.subject.rpartition(".")[2])
+        if reply is None or reply.done():
+            return
+        if message.headers and message.headers.get("Status") == "503":
+            reply.set_exception(NatsUnavailable(f"no JetStream stream stores {self.config.subject_pattern}"))
+            return
+        try:
+            answer = json.loads(message.data)
+        except ValueError:
+            reply.set_exception(NatsUnavailable("JetStream answered a publish with something unreadable"))
+            return
+        error = answer.get("error")
+        if error is None:
+            reply.set_result(PublishReceipt(int(answer["seq"]), bool(answer.get("duplicate"))))
+        elif error.get("err_code") == _ERR_STREAM_LIMIT and "per subject" in error.get("description", ""):
+            reply.set_exception(
+                StreamRefused(
+                    "domain_backlog",
+                    f"the domain has {self.config.max_backlog_per_domain} events waiting "
+                    "(nats.max_backlog_per_domain) until its endpoints take them",
+                )
+            )
+        elif error.get("err_code") == _ERR_STREAM_LIMIT:
+            reply.set_exception(StreamRefused("stream_full", f"the event stream is full ({error.get('description')})"))
+        else:
+            reply.set_exception(NatsUnavailable(f"JetStream refused the event: {error.get('description')}"))
 
     @property
     def dead_letter_stream(self) -> str:
@@ -335,11 +530,45 @@ class JetStream:
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"cannot read the stream: {error or type(error).__name__}") from error
 
+    async def backlog(self, routed: Collection[str]) -> StreamBacklog:
+        """The event stream's waiting events, by domain, in one bridge crossing.
+
+        For the largest backlogs of domains not in ``routed`` (at most
+        ``MAX_UNROUTED_LOOKUPS``), also when their oldest event was stored.
+        """
+        name, pattern = self.config.stream_name, self.config.subject_pattern
+
+        async def read() -> StreamBacklog:
+            info = await self._context.stream_info(name, subjects_filter=pattern)
+            by_domain: dict[str, int] = {}
+            for subject, count in (info.state.subjects or {}).items():
+                domain = subject_domain(pattern, subject)
+                if domain is not None:
+                    by_domain[domain] = count
+            unrouted = sorted((d for d in by_domain if d not in routed), key=by_domain.__getitem__, reverse=True)
+            oldest: dict[str, datetime] = {}
+            for domain in unrouted[:MAX_UNROUTED_LOOKUPS]:
+                subject = domain_subject(pattern, domain)
+                try:
+                    raw = await self._context.get_msg(name, seq=info.state.first_seq, subject=subject, next=True)
+                except nats.js.errors.NotFoundError:
+                    continue  # delivered or expired meanwhile
+                oldest[domain] = raw.time
+            dead_letters = (await self._context.stream_info(self.dead_letter_stream)).state.messages
+            return StreamBacklog(
+                info.state.messages, info.state.bytes, int(self.config.max_bytes), by_domain, oldest, dead_letters
+            )
+
+        try:
+            return await aio_as_trio(read)()
+        except _NATS_ERRORS as error:
+            raise NatsUnavailable(f"cannot read the stream: {error or type(error).__name__}") from error
+
     async def dead_letter(self, domain: str, event_id: str, stream_sequence: int, envelope: bytes) -> None:
         """Store an event that used up its deliveries in the dead-letter stream.
 
-        Deduplicated by the stored message it came from, so a replayed event
-        that fails again becomes a new dead letter.
+        Deduplicated by the stored message it came from, so filing it twice is
+        harmless and a replayed event that fails again becomes a new dead letter.
         """
 
         async def publish() -> None:
@@ -354,30 +583,41 @@ class JetStream:
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"cannot store the dead letter: {error or type(error).__name__}") from error
 
-    async def find_dead_letter(self, event_id: str) -> StoredMessage | None:
-        """The dead letter of ``event_id``, if there is one."""
+    async def find_dead_letter(self, letter_id: int) -> StoredMessage | None:
+        """The dead letter ``letter_id`` (its sequence in the dead-letter stream), if there is one."""
+        return await self._stored(self.dead_letter_stream, letter_id)
 
+    async def stored_event(self, sequence: int) -> StoredMessage | None:
+        """The event stored at ``sequence`` in the event stream, if it is still there."""
+        return await self._stored(self.config.stream_name, sequence)
+
+    async def _stored(self, stream: str, sequence: int) -> StoredMessage | None:
         async def find() -> StoredMessage | None:
             try:
-                raw = await self._context.get_msg(
-                    self.dead_letter_stream, seq=1, subject=self.dead_letter_subject("*", event_id), next=True
-                )
+                raw = await self._context.get_msg(stream, seq=sequence)
             except nats.js.errors.NotFoundError:
                 return None
-            return StoredMessage(raw.subject or "", raw.seq or 0, raw.time, raw.data or b"")
+            return StoredMessage(raw.subject or "", raw.seq or sequence, raw.time, raw.data or b"")
 
         try:
             return await aio_as_trio(find)()
         except _NATS_ERRORS as error:
-            raise NatsUnavailable(f"cannot read the dead letters: {error or type(error).__name__}") from error
+            raise NatsUnavailable(f"cannot read stream {stream}: {error or type(error).__name__}") from error
 
     async def delete_dead_letter(self, sequence: int) -> None:
+        await self._delete(self.dead_letter_stream, sequence)
+
+    async def delete_event(self, sequence: int) -> None:
+        """Remove an event from the work queue (it became a dead letter)."""
+        await self._delete(self.config.stream_name, sequence)
+
+    async def _delete(self, stream: str, sequence: int) -> None:
         try:
-            await aio_as_trio(self._context.delete_msg)(self.dead_letter_stream, sequence)
+            await aio_as_trio(self._context.delete_msg)(stream, sequence)
         except nats.js.errors.NotFoundError:
             pass  # already gone: deleting twice is not an error
         except _NATS_ERRORS as error:
-            raise NatsUnavailable(f"cannot delete the dead letter: {error or type(error).__name__}") from error
+            raise NatsUnavailable(f"cannot delete from {stream}: {error or type(error).__name__}") from error
 
     async def ack_batch(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge ``deliveries`` in one bridge crossing."""
@@ -392,7 +632,7 @@ class JetStream:
 
         await aio_as_trio(ack_all)()
 
-    async def open_consumer(self, domain: str, max_in_flight: int) -> DomainConsumer:
+    async def open_consumer(self, domain: str, max_in_flight: int) -> PullConsumer:
         """Create or update ``domain``'s durable pull consumer and subscribe to it."""
         name = consumer_name(domain)
         config = api.ConsumerConfig(
@@ -405,11 +645,30 @@ class JetStream:
             max_deliver=self.config.max_deliveries,
             # Room for the in-flight events plus the failed ones waiting out ack_wait.
             max_ack_pending=max(1000, 4 * max_in_flight),
+            num_replicas=self.config.replicas,
         )
+        return await self._open(self.config.stream_name, config)
+
+    async def open_advisory_consumer(self) -> PullConsumer:
+        """The dead-letter writers' shared consumer of the advisory stream."""
+        config = api.ConsumerConfig(
+            name="dead-letter-writer",
+            durable_name="dead-letter-writer",
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=ADVISORY_ACK_WAIT_SECONDS,
+            max_ack_pending=1000,
+            num_replicas=self.config.replicas,
+        )
+        return await self._open(self.advisory_stream, config)
+
+    async def _open(self, stream: str, config: api.ConsumerConfig) -> PullConsumer:
+        name = config.durable_name
+        assert name is not None
 
         async def create() -> JetStreamContext.PullSubscription:
-            await self._context.add_consumer(self.config.stream_name, config)
-            return await self._context.pull_subscribe_bind(durable=name, stream=self.config.stream_name)
+            await self._context.add_consumer(stream, config)
+            return await self._context.pull_subscribe_bind(durable=name, stream=stream)
 
         if not self.connected.value:
             raise NatsUnavailable("not connected to NATS")
@@ -417,7 +676,7 @@ class JetStream:
             subscription = await aio_as_trio(create)()
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"cannot open consumer {name}: {error or type(error).__name__}") from error
-        return DomainConsumer(self, domain, subscription)
+        return PullConsumer(self, name, subscription)
 
 
 def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -428,8 +687,8 @@ def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
 
 
 @asynccontextmanager
-async def open_jetstream(config: NatsConfig, url: str) -> AsyncIterator[JetStream]:
-    """Connect to NATS at ``url`` (retrying until it answers) and ensure the stream.
+async def open_jetstream(config: NatsConfig, url: str, routed_domains: int) -> AsyncIterator[JetStream]:
+    """Connect to NATS at ``url`` (retrying until it answers) and ensure the streams.
 
     On exit the connection is drained (bounded by ``DRAIN_TIMEOUT_SECONDS``), so
     acks already handed to nats-py reach the server.
@@ -446,7 +705,7 @@ async def open_jetstream(config: NatsConfig, url: str) -> AsyncIterator[JetStrea
                 await trio.sleep(RECONNECT_WAIT_SECONDS)
         log.info("NATS connected", url=jetstream.server_url)
         try:
-            await jetstream.ensure_stream()
+            await jetstream.ensure_streams(routed_domains)
             yield jetstream
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT_SECONDS):

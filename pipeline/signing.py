@@ -1,7 +1,7 @@
 """Signed webhooks, as Standard Webhooks (standardwebhooks.com) specifies them.
 
 Each forwarded request to an endpoint with a secret carries ``webhook-id``
-(the event_id), ``webhook-timestamp`` (Unix seconds) and ``webhook-signature``
+(``domain:event_id``), ``webhook-timestamp`` (Unix seconds) and ``webhook-signature``
 (``v1,`` + base64 of HMAC-SHA256 over ``"{id}.{timestamp}.{body}"``). A secret
 written ``whsec_<base64>`` is used as those bytes; any other secret as its UTF-8 bytes.
 """

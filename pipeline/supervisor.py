@@ -12,7 +12,9 @@ from quart_trio import QuartTrio
 from trio_util import AsyncValue
 
 from actors.acknowledger import Acknowledger
+from actors.backlog_monitor import BacklogMonitor
 from actors.config_watcher import ConfigWatcher, ReloadRequest
+from actors.dead_letter_writer import DeadLetterWriter
 from actors.ingress import Ingress, PublishRequest
 from actors.log_writer import DomainLogFiles, DomainLogLine, DomainLogRouter, LogWriter
 from actors.stats import ForwardOutcome, StatsCollector
@@ -93,7 +95,7 @@ async def _run_pipeline(
             url = await root.start(embedded.run)
         else:
             url = config.nats.url
-        async with open_jetstream(config.nats, url) as jetstream:
+        async with open_jetstream(config.nats, url, len(config.routes)) as jetstream:
             routes = open_routes(config.endpoints_by_domain())
             access = AsyncValue(config.ingress_access())
             _warn_if_open(config)
@@ -106,14 +108,19 @@ async def _run_pipeline(
                 max_domains=config.stats.max_domains,
             )
             subscriber = Subscriber(jetstream, routes, acks_send, outcomes_send, config, stopping)
+            backlog = BacklogMonitor(jetstream, routes, stopping)
             reload_send, reload_receive = trio.open_memory_channel[ReloadRequest](RELOAD_QUEUE_SIZE)
             watcher = None
             if config_path is not None:
-                watcher = ConfigWatcher(config_path, config, routes, access, reload_receive, stopping)
+                watcher = ConfigWatcher(
+                    config_path, config, routes, access, reload_receive, stopping, admit_routes=jetstream.admit_routes
+                )
             async with trio.open_nursery() as actors:
                 if watcher is not None:
                     await actors.start(watcher.run)
                 await actors.start(stats.run)
+                await actors.start(DeadLetterWriter(jetstream, stats.last_failure, stopping).run)
+                await actors.start(backlog.run)
                 await actors.start(Acknowledger(jetstream, acks_receive).run)
                 await actors.start(subscriber.run)
                 await actors.start(Ingress(jetstream, publish_receive, routes).run)
@@ -124,6 +131,7 @@ async def _run_pipeline(
                     publish_requests=publish_send,
                     stats=stats,
                     subscriber=subscriber,
+                    backlog=backlog,
                     log_writer=log_writer,
                     config_watcher=watcher,
                     reload_requests=reload_send,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import httpx
+import nats
+import nats.js.api
 import pytest
 import trio
 
@@ -91,6 +94,51 @@ def test_bad_flags_exit_2_with_a_message(args: list[str], complaint: str):
     result = run_cli(*args)
     assert result.returncode == 2
     assert complaint in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("nats_settings", "expected"),
+    [
+        ("max_bytes: 1PB", "nats.max_bytes: JetStream has too little storage for stream 'call-signals'"),
+        ("dead_letter_max_bytes: 1PB", "nats.dead_letter_max_bytes: JetStream has too little storage"),
+        ("replicas: 3", "nats.replicas: 3 replicas need a NATS cluster; this server runs alone"),
+    ],
+)
+async def test_streams_the_server_cannot_hold_exit_2_with_one_line(
+    nats_server: NatsServer, tmp_path: Path, nats_settings: str, expected: str
+):
+    # Regression: the defaults reserved 2 x 10 GiB and a small disk ended the
+    # first start with a traceback ("insufficient storage resources available").
+    config = tmp_path / "config.yaml"
+    config.write_text(f"nats: {{url: '{nats_server.url}', {nats_settings}}}\n")
+    result = await trio.to_thread.run_sync(run_cli, "-config", str(config))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"telephony-forwarder: {expected}"), result.stderr
+
+
+def _create_limits_stream(url: str) -> None:
+    """The event stream as earlier versions made it: limits retention."""
+
+    async def create() -> None:
+        client = await nats.connect(url)
+        await client.jetstream().add_stream(nats.js.api.StreamConfig(name="call-signals", subjects=["call.signal.*"]))
+        await client.close()
+
+    asyncio.run(create())
+
+
+async def test_a_stream_made_by_an_earlier_version_exits_2_saying_how_to_migrate(
+    nats_server: NatsServer, tmp_path: Path
+):
+    await trio.to_thread.run_sync(_create_limits_stream, nats_server.url)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"nats: {{url: '{nats_server.url}'}}\n")
+    result = await trio.to_thread.run_sync(run_cli, "-config", str(config))
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "stream 'call-signals' has limits retention" in line
+    assert "set nats.stream_name to a new name" in line
 
 
 async def test_sigterm_finishes_in_flight_forward_acks_it_and_exits_0(

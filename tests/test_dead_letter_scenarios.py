@@ -19,28 +19,32 @@ async def test_given_up_event_is_kept_and_can_be_replayed_or_discarded(nats_serv
             letters = (await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 2)).json()[
                 "dead_letters"
             ]
-            by_id = {letter["event_id"]: letter for letter in letters}
-            assert by_id[first]["delivery_attempts"] == 3
-            assert by_id[first]["errors"] == {backend.url: "HTTP 503"}
-            assert by_id[first]["event"]["call_id"] == "lost-1"
-            assert by_id[first]["domain"] == "flaky.vn" and by_id[first]["failed_at"].endswith("Z")
+            by_event = {letter["event_id"]: letter for letter in letters}
+            assert by_event[first]["delivery_attempts"] == 3
+            assert by_event[first]["errors"] == {backend.url: "HTTP 503"}
+            assert by_event[first]["event"]["call_id"] == "lost-1"
+            assert by_event[first]["domain"] == "flaky.vn" and by_event[first]["failed_at"].endswith("Z")
+            # Dead-lettered events have left the work queue.
+            assert (await service.client.get(f"{service.url}/api/stream/messages")).json()["total"] == 0
             domain_only = (await service.client.get(f"{service.url}/api/dead-letters?domain=flaky.vn")).json()
             assert domain_only["total"] == 2
             other = (await service.client.get(f"{service.url}/api/dead-letters?domain=other.vn")).json()
             assert other == {"dead_letters": [], "total": 0}
+            by_id = (await service.client.get(f"{service.url}/api/dead-letters?event_id={first}")).json()
+            assert [letter["id"] for letter in by_id["dead_letters"]] == [by_event[first]["id"]]
 
             backend_up["value"] = True
-            replay = await service.client.post(f"{service.url}/api/dead-letters/{first}/replay")
+            replay = await service.client.post(f"{service.url}/api/dead-letters/{by_event[first]['id']}/replay")
             assert replay.status_code == 202 and replay.json()["status"] == "replayed"
             await backend.wait_count(7)  # 3 + 3 failed attempts, then the replay
             delivered = backend.received[-1].body
             assert delivered["event_id"] == first and delivered["delivery_attempt"] == 1
 
-            discard = await service.client.delete(f"{service.url}/api/dead-letters/{second}")
+            discard = await service.client.delete(f"{service.url}/api/dead-letters/{by_event[second]['id']}")
             assert discard.status_code == 200
-            again = await service.client.delete(f"{service.url}/api/dead-letters/{second}")
+            again = await service.client.delete(f"{service.url}/api/dead-letters/{by_event[second]['id']}")
             assert again.status_code == 404 and "no dead letter" in again.json()["error"]
-            missing = await service.client.post(f"{service.url}/api/dead-letters/nope/replay")
+            missing = await service.client.post(f"{service.url}/api/dead-letters/999/replay")
             assert missing.status_code == 404
             assert (await service.client.get(f"{service.url}/api/dead-letters")).json()["total"] == 0
 
@@ -53,13 +57,65 @@ async def test_a_replayed_event_that_fails_again_is_a_dead_letter_again(nats_ser
     with trio.fail_after(60):
         async with running_service(config) as service:
             event_id = (await service.post_event(call_event("down.vn", "twice"))).json()["event_id"]
-            await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 1)
-            replay = await service.client.post(f"{service.url}/api/dead-letters/{event_id}/replay")
+            letters = await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 1)
+            [letter] = letters.json()["dead_letters"]
+            replay = await service.client.post(f"{service.url}/api/dead-letters/{letter['id']}/replay")
             assert replay.status_code == 202
             await backend.wait_count(6)
-            letters = await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 1)
+            letters = await wait_for_api(
+                service,
+                "/api/dead-letters",
+                lambda r: r.json()["total"] == 1 and r.json()["dead_letters"][0]["id"] != letter["id"],
+            )
     assert letters.json()["dead_letters"][0]["event_id"] == event_id
     assert backend.attempts_of("twice") == [1, 2, 3, 1, 2, 3]
+
+
+async def test_a_last_attempt_cut_short_by_shutdown_ends_as_a_dead_letter_after_restart(
+    nats_server, start_backend: StartBackend
+):
+    # The last attempt hangs; the service stops with its grace period running
+    # out mid-POST, so no instance sees that attempt end. Before the dead-letter
+    # writer, JetStream never delivered the event again and nothing filed it.
+    hanging_last = await start_backend(lambda number, body: HANG if body["delivery_attempt"] == 2 else 503)
+    config = make_config(
+        nats_server.url,
+        {"cut.vn": [hanging_last.url]},
+        nats={"max_deliveries": 2, "ack_wait_seconds": 3},
+        forwarding={"timeout_seconds": 2},
+        server={"shutdown_grace_seconds": 0.2},
+    )
+    with trio.fail_after(120):
+        async with running_service(config) as service:
+            event_id = (await service.post_event(call_event("cut.vn", "cut-1"))).json()["event_id"]
+            await hanging_last.wait_count(2)  # the last attempt is open when the service stops
+        quick = make_config(nats_server.url, {"cut.vn": [hanging_last.url]}, nats={"max_deliveries": 2})
+        async with running_service(quick) as service:
+            letters = (await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 1)).json()
+            assert (await service.client.get(f"{service.url}/api/stream/messages")).json()["total"] == 0
+    [letter] = letters["dead_letters"]
+    assert letter["event_id"] == event_id and letter["delivery_attempts"] == 2
+    assert letter["errors"] is None  # the cut-short attempt's outcome was never seen
+    assert hanging_last.attempts_of("cut-1") == [1, 2]
+
+
+async def test_two_tenants_with_the_same_event_id_are_both_delivered(nats_server, start_backend: StartBackend):
+    # Regression: Nats-Msg-Id was the client's event_id alone, so tenant B's
+    # event was answered "duplicate" and never stored.
+    a, b = await start_backend(), await start_backend()
+    config = make_config(nats_server.url, {"a.vn": [a.url], "b.vn": [b.url]})
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            first = (await service.post_event(call_event("a.vn", "call-a", event_id="1"))).json()
+            second = (await service.post_event(call_event("b.vn", "call-b", event_id="1"))).json()
+            retry = (await service.post_event(call_event("b.vn", "call-b", event_id="1"))).json()
+            await a.wait_count(1)
+            await b.wait_count(1)
+    assert "duplicate" not in first and "duplicate" not in second
+    assert retry["duplicate"] is True and retry["sequence"] == second["sequence"]
+    assert a.received[0].headers["idempotency-key"] == "a.vn:1"
+    assert b.received[0].headers["idempotency-key"] == "b.vn:1"
+    assert b.count.value == 1
 
 
 async def test_flapping_and_slow_backends_leave_no_event_stuck(nats_server, start_backend: StartBackend):
@@ -71,12 +127,19 @@ async def test_flapping_and_slow_backends_leave_no_event_stuck(nats_server, star
         async with running_service(config) as service:
             for n in range(40):
                 assert (await service.post_event(call_event("flap.vn", f"flap-{n}"))).status_code == 202
-            # Every event ends delivered to both endpoints or kept as a dead letter.
+            # Every event ends delivered to both endpoints or kept as a dead letter,
+            # and the work queue is empty.
             stats = await wait_for_api(
                 service,
                 "/api/stats",
                 lambda r: r.json()["total_successful"] + r.json()["given_up"] == 40 and r.json()["in_flight"] == 0,
             )
-            letters = (await service.client.get(f"{service.url}/api/dead-letters?limit=100")).json()
-    assert letters["total"] == stats.json()["given_up"]
+            letters = (
+                await wait_for_api(
+                    service,
+                    "/api/dead-letters?limit=100",
+                    lambda r: r.json()["total"] == stats.json()["given_up"],
+                )
+            ).json()
+            await wait_for_api(service, "/api/stream/messages", lambda r: r.json()["total"] == 0)
     print(f"flapping: 40 sent, {stats.json()['total_successful']} delivered, {letters['total']} dead-lettered")

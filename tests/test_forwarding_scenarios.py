@@ -9,7 +9,7 @@ from structlog.testing import capture_logs
 
 from pipeline.events import consumer_name
 from tests.conftest import StartBackend
-from tests.harness import HANG, NatsServer, call_event, free_port, make_config, running_service
+from tests.harness import HANG, NatsServer, call_event, free_port, make_config, running_service, wait_for_api
 
 SCENARIO_TIMEOUT = 30
 
@@ -32,7 +32,7 @@ async def test_event_fans_out_to_every_endpoint_of_its_domain(nats_server, start
             "delivery_attempt": 1,
         }
         assert request.headers["content-type"] == "application/json"
-        assert request.headers["idempotency-key"] == answer["event_id"]
+        assert request.headers["idempotency-key"] == f"vietanh.cloudgo.vn:{answer['event_id']}"
         assert request.headers["user-agent"] == "telephony-forwarder"
 
 
@@ -95,10 +95,10 @@ async def test_always_failing_endpoint_gets_exactly_max_deliveries(nats_server, 
             await broken.wait_count(3)
             # The server has nothing left to deliver or wait for: no fourth attempt can come.
             await _wait_settled(nats_server, "test-signals", "broken.example")
-            state = await nats_server.consumer_state("test-signals", consumer_name("broken.example"))
+            # The event left the work queue as a dead letter.
+            await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 1)
+            await wait_for_api(service, "/api/stream/messages", lambda r: r.json()["total"] == 0)
     assert broken.attempts_of("doomed") == [1, 2, 3]
-    assert state["num_pending"] == 0 and state["num_ack_pending"] == 0
-    assert state["ack_floor"]["stream_seq"] == 1  # acknowledged once kept as a dead letter
     failures = [record for record in logs if record["event"] == "Failed to forward event"]
     assert [(f["delivery_attempt"], f["will_retry"]) for f in failures] == [(1, True), (2, True), (3, False)]
     assert failures[0]["errors"] == {broken.url: "HTTP 503"}

@@ -105,7 +105,7 @@ async def test_client_event_id_is_kept_and_a_retry_is_stored_once(nats_server, s
     assert marker.json()["sequence"] == 2
     # The marker event came after the retry, so the backend has seen everything it will.
     assert [b["call_id"] for b in backend.bodies()].count("dup") == 1
-    assert backend.received[0].headers["idempotency-key"] == "pbx-42"
+    assert backend.received[0].headers["idempotency-key"] == "ok.vn:pbx-42"
 
 
 async def test_health_reports_nats_connected(service: RunningService):

@@ -57,7 +57,7 @@ async def test_forwarder_signs_requests_to_endpoints_with_a_secret(nats_server, 
             await plain.wait_count(1)
             routes = (await service.client.get(f"{service.url}/api/config/routes")).json()
     [request] = signed.received
-    assert request.headers["webhook-id"] == event_id
+    assert request.headers["webhook-id"] == f"ok.vn:{event_id}"
     assert verify(SECRET, request.headers, signed.raw_bodies[0]) is None
     assert "webhook-signature" not in plain.received[0].headers
     assert routes["routes"][0]["signed_endpoints"] == [signed.url]

@@ -13,6 +13,7 @@ import trio
 from quart import request
 from quart_trio import QuartTrio
 
+from actors.backlog_monitor import BacklogMonitor
 from actors.config_watcher import ConfigWatcher, ReloadRequest
 from actors.log_writer import LogWriter
 from actors.stats import StatsCollector, rfc3339
@@ -89,6 +90,7 @@ def register_api(
     *,
     stats: StatsCollector,
     subscriber: Subscriber,
+    backlog: BacklogMonitor,
     jetstream: JetStream,
     log_writer: LogWriter | None,
     logs_dir: Path,
@@ -105,7 +107,7 @@ def register_api(
 
     @app.get("/api/stats")
     async def statistics() -> dict[str, Any]:
-        return service_statistics(stats, subscriber, log_writer)
+        return service_statistics(stats, subscriber, backlog, log_writer)
 
     @app.get("/api/stream/messages")
     async def stream_messages() -> tuple[dict[str, Any], int]:
@@ -152,8 +154,8 @@ def register_api(
 
     @app.get("/api/dead-letters")
     async def dead_letters() -> tuple[dict[str, Any], int]:
-        limit, domain = _limit(100), _domain()
-        subject = jetstream.dead_letter_subject(domain) if domain else None
+        limit, domain, event_id = _limit(100), _domain(), request.args.get("event_id") or None
+        subject = jetstream.dead_letter_subject(domain or "*", event_id) if domain or event_id else None
         try:
             messages, total = await jetstream.newest_messages(limit, subject, dead_letters=True)
         except NatsUnavailable as error:
@@ -162,50 +164,55 @@ def register_api(
         for message in messages:
             letter = _parsed(message.data)
             if isinstance(letter, dict):
-                letters.append(letter | {"sequence": message.sequence})
+                letters.append({"id": message.sequence} | letter)
         return {"dead_letters": letters, "total": total}, 200
 
-    async def find_dead_letter(event_id: str) -> tuple[StoredMessage | None, tuple[dict[str, Any], int] | None]:
+    async def find_dead_letter(letter_id: int) -> tuple[StoredMessage | None, tuple[dict[str, Any], int] | None]:
         try:
-            letter = await jetstream.find_dead_letter(event_id)
+            letter = await jetstream.find_dead_letter(letter_id) if 0 < letter_id < 2**63 else None
         except NatsUnavailable as error:
             return None, ({"status": "error", "error": str(error)}, 503)
         if letter is None:
-            return None, ({"status": "error", "error": f"no dead letter for event_id {event_id!r}"}, 404)
+            return None, ({"status": "error", "error": f"no dead letter with id {letter_id}"}, 404)
         return letter, None
 
-    @app.post("/api/dead-letters/<path:event_id>/replay")
-    async def replay_dead_letter(event_id: str) -> tuple[dict[str, Any], int]:
-        letter, failure = await find_dead_letter(event_id)
+    @app.post("/api/dead-letters/<int:letter_id>/replay")
+    async def replay_dead_letter(letter_id: int) -> tuple[dict[str, Any], int]:
+        letter, failure = await find_dead_letter(letter_id)
         if letter is None:
             return failure
         envelope = json.loads(letter.data)
         event = {key: value for key, value in envelope["event"].items() if key != "delivery_attempt"}
         replayed = AcceptedEvent(
-            event_id=event_id,
+            event_id=envelope["event_id"],
             domain=envelope["domain"],
-            payload=json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode(),
+            payload=json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(),
             fields=describe(event) | {"domain": envelope["domain"]},
             event=event,
-            # A fresh id per dead letter: the replay is not deduplicated away, a retried replay is.
-            message_id=f"replay:{event_id}:{letter.sequence}",
+            # One id per dead letter: the replay is not deduplicated away, a retried replay is.
+            message_id=f"replay:{jetstream.dead_letter_stream}:{letter.sequence}",
         )
         [outcome] = await jetstream.publish_batch([replayed])
         if isinstance(outcome, Exception):
             return {"status": "error", "error": f"not replayed: {outcome or type(outcome).__name__}"}, 503
         await jetstream.delete_dead_letter(letter.sequence)
-        return {"status": "replayed", "event_id": event_id, "sequence": outcome.sequence}, 202
+        return {
+            "status": "replayed",
+            "id": letter_id,
+            "event_id": replayed.event_id,
+            "sequence": outcome.sequence,
+        }, 202
 
-    @app.delete("/api/dead-letters/<path:event_id>")
-    async def discard_dead_letter(event_id: str) -> tuple[dict[str, Any], int]:
-        letter, failure = await find_dead_letter(event_id)
+    @app.delete("/api/dead-letters/<int:letter_id>")
+    async def discard_dead_letter(letter_id: int) -> tuple[dict[str, Any], int]:
+        letter, failure = await find_dead_letter(letter_id)
         if letter is None:
             return failure
         try:
             await jetstream.delete_dead_letter(letter.sequence)
         except NatsUnavailable as error:
             return {"status": "error", "error": str(error)}, 503
-        return {"status": "deleted", "event_id": event_id}, 200
+        return {"status": "deleted", "id": letter_id}, 200
 
     @app.post("/api/config/reload")
     async def reload_config() -> tuple[dict[str, Any], int]:
@@ -235,15 +242,21 @@ def register_api(
         }
 
 
-def service_statistics(stats: StatsCollector, subscriber: Subscriber, log_writer: LogWriter | None) -> dict[str, Any]:
+def service_statistics(
+    stats: StatsCollector, subscriber: Subscriber, backlog: BacklogMonitor, log_writer: LogWriter | None
+) -> dict[str, Any]:
     """The body of /api/stats (also pushed to the live dashboard)."""
     store = asdict(stats.statistics())
     flows = subscriber.statistics()
+    waiting = backlog.report()
     for domain, in_flight in flows.in_flight_by_domain.items():
         if domain in store["domains"]:
             store["domains"][domain]["in_flight"] = in_flight
+    for domain, count in waiting.get("domains", {}).items():
+        if domain in store["domains"]:
+            store["domains"][domain]["backlog"] = count
     dropped = log_writer.health().dropped_lines if log_writer is not None else 0
-    return store | {"in_flight": flows.in_flight, "log_lines_dropped": dropped}
+    return store | {"in_flight": flows.in_flight, "log_lines_dropped": dropped, "backlog": waiting}
 
 
 def _route_list(routes: Routes) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from quart_trio import QuartTrio
 from trio_util import AsyncValue
 from werkzeug.exceptions import HTTPException
 
+from actors.backlog_monitor import BacklogMonitor
 from actors.config_watcher import ConfigWatcher, ReloadRequest
 from actors.ingress import PublishRequest
 from actors.log_writer import LogWriter
@@ -41,6 +42,7 @@ def create_app(
     publish_requests: trio.MemorySendChannel[PublishRequest],
     stats: StatsCollector,
     subscriber: Subscriber,
+    backlog: BacklogMonitor,
     log_writer: LogWriter | None,
     config_watcher: ConfigWatcher | None,
     reload_requests: trio.MemorySendChannel[ReloadRequest],
@@ -64,6 +66,9 @@ def create_app(
     def health_report() -> tuple[dict[str, Any], int]:
         if not jetstream.connected.value:
             return {"status": "unavailable", "nats": "disconnected", "reason": "not connected to NATS"}, 503
+        near_full = backlog.near_full()
+        if near_full is not None:
+            return {"status": "degraded", "nats": "connected", "reason": near_full}, 200
         failing = log_writer.health().failing if log_writer is not None else None
         if failing is not None:
             # Forwarding goes on; only the domain log files are not being written.
@@ -111,7 +116,7 @@ def create_app(
     register_dashboard(
         app,
         stats=stats,
-        snapshot=lambda: service_statistics(stats, subscriber, log_writer) | {"health": health_report()[0]},
+        snapshot=lambda: service_statistics(stats, subscriber, backlog, log_writer) | {"health": health_report()[0]},
         stopping=stopping,
     )
 
@@ -119,6 +124,7 @@ def create_app(
         app,
         stats=stats,
         subscriber=subscriber,
+        backlog=backlog,
         jetstream=jetstream,
         log_writer=log_writer,
         logs_dir=config.logging.dir,

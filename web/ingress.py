@@ -18,6 +18,7 @@ from trio_util import AsyncValue
 from actors.ingress import PublishRequest
 from pipeline.access import DomainRateLimiter, IngressAccess
 from pipeline.events import InvalidEvent, parse_event
+from pipeline.nats_bridge import StreamRefused
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -29,6 +30,9 @@ Answer = tuple[int, dict[str, Any], dict[str, str]]
 ACCEPTED_CONTENT_TYPES = frozenset(
     {"", "application/json", "text/plain", "text/json", "application/x-www-form-urlencoded"}
 )
+
+# What a refused client is told to wait: backlogs drain at the endpoints' pace.
+REFUSED_RETRY_AFTER_SECONDS = 30
 
 
 class ClientGone(Exception):
@@ -140,6 +144,15 @@ class EventIngress:
         outcome = publish.outcome
         if outcome is None:
             return _error(503, "timed out storing the event; retry with the same event_id", event_id=event.event_id)
+        if isinstance(outcome, StreamRefused):
+            # Nothing is wrong with the event: a limit holds it back until backlogs drain.
+            return _error(
+                503,
+                f"event not stored: {outcome}; retry later with the same event_id",
+                {"Retry-After": str(REFUSED_RETRY_AFTER_SECONDS)},
+                event_id=event.event_id,
+                limit=outcome.limit,
+            )
         if isinstance(outcome, Exception):
             return _error(
                 500,

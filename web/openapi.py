@@ -18,7 +18,8 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
 _LIMIT = _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "records per list")
 _DOMAIN = _query("domain", {"type": "string"}, "only this domain")
 _TYPE = _query("type", {"type": "string", "enum": ["successful", "failed", "all"]}, "outcome type")
-_EVENT_ID = {"name": "event_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+_EVENT_ID = {"name": "event_id", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1}}
+_LETTER_ID = {"name": "letter_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -84,21 +85,21 @@ OPENAPI: dict[str, Any] = {
         "/api/dead-letters": {
             "get": {
                 "summary": "Events that used up their deliveries",
-                "parameters": [_DOMAIN, _LIMIT],
+                "parameters": [_DOMAIN, _EVENT_ID, _LIMIT],
                 "responses": {"200": _JSON, "400": _ERROR, "503": _ERROR},
             }
         },
-        "/api/dead-letters/{event_id}/replay": {
+        "/api/dead-letters/{letter_id}/replay": {
             "post": {
                 "summary": "Store a dead letter again for new attempts",
-                "parameters": [_EVENT_ID],
+                "parameters": [_LETTER_ID],
                 "responses": {"202": _JSON, "404": _ERROR, "503": _ERROR},
             }
         },
-        "/api/dead-letters/{event_id}": {
+        "/api/dead-letters/{letter_id}": {
             "delete": {
                 "summary": "Discard a dead letter",
-                "parameters": [_EVENT_ID],
+                "parameters": [_LETTER_ID],
                 "responses": {"200": _JSON, "404": _ERROR, "503": _ERROR},
             }
         },

@@ -23,6 +23,7 @@ const TEXT = {
     delivered: "Delivered", payload: "Full event", events_n: "{n} events", shownOf: "showing {shown} of {total}",
     deadLetters: "Dead letters", deadNote: "Events that failed every delivery attempt. Replay sends one again to its domain's endpoints.",
     noDeadLetters: "None: every event was delivered or is still being retried.", replay: "Replay", discard: "Discard",
+    cutShort: "The last attempt was cut short (restart, shutdown or route removed).",
   },
   vi: {
     connecting: "Đang kết nối…", natsOk: "NATS đã kết nối", natsDown: "Mất kết nối NATS",
@@ -44,6 +45,7 @@ const TEXT = {
     delivered: "Đã chuyển", payload: "Toàn bộ sự kiện", events_n: "{n} sự kiện", shownOf: "hiển thị {shown}/{total}",
     deadLetters: "Sự kiện thất bại", deadNote: "Sự kiện đã thất bại ở mọi lần gửi. Gửi lại sẽ chuyển sự kiện tới các endpoint của tên miền.",
     noDeadLetters: "Không có: mọi sự kiện đã được chuyển hoặc đang được thử lại.", replay: "Gửi lại", discard: "Bỏ",
+    cutShort: "Lần thử cuối bị ngắt giữa chừng (khởi động lại, dừng dịch vụ hoặc tuyến bị gỡ).",
   },
 };
 
@@ -52,7 +54,7 @@ const state = {
   source: "live",          // "live" (memory) or "logs"
   domain: "", type: "all", date: "",
   stats: null, health: null, routes: [], logDomains: [],
-  lastChanges: -1, loading: false, pending: false, givenUp: -1, deadLetters: [],
+  lastChanges: -1, loading: false, pending: false, deadLetterCount: -1, deadLetters: [],
 };
 
 const $ = (selector) => document.querySelector(selector);
@@ -151,8 +153,8 @@ function connectLive() {
     renderHealth();
     renderStats();
     refreshDomainChoices();
-    if (update.given_up !== state.givenUp) {
-      state.givenUp = update.given_up;
+    if (update.backlog?.dead_letters !== state.deadLetterCount) {
+      state.deadLetterCount = update.backlog?.dead_letters;
       loadDeadLetters();
     }
     if (state.source === "live" && update.changes !== state.lastChanges) {
@@ -346,7 +348,9 @@ function renderDeadLetters() {
     return;
   }
   list.replaceChildren(...state.deadLetters.map((letter) => {
-    const errors = Object.entries(letter.errors ?? {}).map(([endpoint, error]) => `${endpoint}: ${error}`).join("; ");
+    const errors = letter.errors
+      ? Object.entries(letter.errors).map(([endpoint, error]) => `${endpoint}: ${error}`).join("; ")
+      : t("cutShort");
     const act = (label, method, path) => {
       const button = el("button", { type: "button", className: "button button-small", text: t(label) });
       if (method === "DELETE") button.classList.add("button-quiet");
@@ -357,8 +361,8 @@ function renderDeadLetters() {
       });
       return button;
     };
-    const id = encodeURIComponent(letter.event_id);
-    return el("li", { "data-event-id": letter.event_id },
+    const id = encodeURIComponent(letter.id);
+    return el("li", { "data-event-id": letter.event_id, "data-letter-id": letter.id },
       el("div", { className: "route-domain", text: `${letter.call_id ?? letter.event_id} · ${letter.domain}` }),
       el("div", { className: "error-text", text: errors }),
       el("div", { className: "dead-actions" },

@@ -1,0 +1,98 @@
+"""Scenarios: the stream is a work queue whose limits refuse, never delete, one tenant at a time."""
+
+from __future__ import annotations
+
+import trio
+
+from tests.conftest import StartBackend
+from tests.harness import HANG, call_event, make_config, running_service, wait_for_api
+
+
+async def test_a_domain_over_its_backlog_quota_is_refused_while_others_are_accepted(
+    nats_server, start_backend: StartBackend
+):
+    # Regression: the stream kept every event under "discard old", so a dead
+    # backend's backlog grew until JetStream silently deleted the oldest events.
+    healthy = await start_backend()
+    dead = await start_backend(lambda number, body: HANG)
+    config = make_config(
+        nats_server.url, {"ok.vn": [healthy.url], "dead.vn": [dead.url]}, nats={"max_backlog_per_domain": 3}
+    )
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            accepted = [await service.post_event(call_event("dead.vn", f"stuck-{n}")) for n in range(3)]
+            refused = await service.post_event(call_event("dead.vn", "stuck-3"))
+            other = await service.post_event(call_event("ok.vn", "fine"))
+            await healthy.wait_count(1)
+            stats = await wait_for_api(
+                service, "/api/stats", lambda r: r.json()["backlog"].get("domains", {}).get("dead.vn") == 3
+            )
+    assert [response.status_code for response in accepted] == [202, 202, 202]
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"].isdigit()
+    body = refused.json()
+    assert body["limit"] == "domain_backlog" and "nats.max_backlog_per_domain" in body["error"]
+    assert other.status_code == 202
+    backlog = stats.json()["backlog"]
+    assert backlog["quota_per_domain"] == 3
+    assert stats.json()["domains"]["dead.vn"]["backlog"] == 3
+
+
+async def test_delivered_events_leave_the_stream_and_unrouted_ones_wait_in_view(
+    nats_server, start_backend: StartBackend
+):
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"ok.vn": [backend.url]})
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            for n in range(3):
+                assert (await service.post_event(call_event("ok.vn", f"done-{n}"))).status_code == 202
+            for n in range(2):
+                assert (await service.post_event(call_event("later.vn", f"wait-{n}"))).status_code == 202
+            await backend.wait_count(3)
+            # What /api/stream/messages shows is what waits: only the unrouted domain's events.
+            waiting = await wait_for_api(service, "/api/stream/messages", lambda r: r.json()["total"] == 2)
+            stats = await wait_for_api(
+                service, "/api/stats", lambda r: "later.vn" in r.json()["backlog"].get("unrouted", {})
+            )
+    assert {message["domain"] for message in waiting.json()["messages"]} == {"later.vn"}
+    backlog = stats.json()["backlog"]
+    assert backlog["unrouted"]["later.vn"]["waiting"] == 2
+    assert backlog["unrouted"]["later.vn"]["oldest_age_seconds"] >= 0
+    assert backlog["unrouted_domain_count"] == 1 and backlog["unrouted_events"] == 2
+    assert backlog["stream"]["messages"] == 2
+
+
+async def test_a_full_stream_refuses_new_events_and_health_says_degraded(nats_server):
+    config = make_config(nats_server.url, {}, nats={"max_bytes": 20_000})
+    padding = "x" * 1000
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            answers = []
+            for n in range(40):
+                answers.append(await service.post_event(call_event(f"d{n}.vn", f"fill-{n}", note=padding)))
+                if answers[-1].status_code != 202:
+                    break
+            health = await wait_for_api(service, "/health", lambda r: r.json()["status"] == "degraded")
+            stored = (await service.client.get(f"{service.url}/api/stream/messages?limit=100")).json()
+    assert answers[-1].status_code == 503
+    assert answers[-1].json()["limit"] == "stream_full"
+    assert "retry-after" in answers[-1].headers
+    # Nothing accepted was deleted to make room.
+    assert stored["total"] == len(answers) - 1
+    assert {m["data"]["call_id"] for m in stored["messages"]} == {f"fill-{n}" for n in range(len(answers) - 1)}
+    assert health.status_code == 200 and "nats.max_bytes" in health.json()["reason"]
+
+
+async def test_the_thousand_and_first_tenant_is_delivered(nats_server, start_backend: StartBackend):
+    # Regression: nats-server 2.15 allows 1,000 consumers per stream unless told
+    # otherwise, and each routed domain has one: tenant #1,001 got 202 and nothing more.
+    backend = await start_backend()
+    routes = {f"tenant-{n}.vn": [backend.url] for n in range(1001)}
+    config = make_config(nats_server.url, routes)
+    with trio.fail_after(120):
+        async with running_service(config) as service:
+            response = await service.post_event(call_event("tenant-1000.vn", "last-tenant"))
+            assert response.status_code == 202
+            await backend.wait_count(1)
+    assert backend.bodies()[0]["call_id"] == "last-tenant"
