@@ -15,7 +15,7 @@ from trio_util import AsyncValue
 
 from actors.stats import ForwardOutcome, rfc3339
 from pipeline.config import ForwardingConfig
-from pipeline.events import describe
+from pipeline.events import describe, parse_strict_json
 from pipeline.nats_bridge import Delivery, NatsUnavailable
 from pipeline.routes import Endpoint, Routes
 from pipeline.signing import signature_headers
@@ -138,7 +138,8 @@ class Forwarder:
 
     async def _forward_to_all(self, delivery: Delivery) -> None:
         try:
-            event = json.loads(delivery.data)
+            # Strict: a NaN stored by an older version could not be forwarded as JSON.
+            event = parse_strict_json(delivery.data)
             if not isinstance(event, dict):
                 raise ValueError("not a JSON object")
         except ValueError as error:
@@ -159,7 +160,7 @@ class Forwarder:
             event_log.warning("Route removed; leaving event for redelivery")
             return
         event["delivery_attempt"] = delivery.delivery_attempt
-        body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+        body = json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         event_id = str(event.get("event_id", ""))
         headers = {"Content-Type": "application/json", "Idempotency-Key": event_id, "User-Agent": USER_AGENT}
         event_log.info("Forwarding event", endpoints=len(endpoints))
@@ -212,7 +213,10 @@ class Forwarder:
         }
         try:
             await self._dead_letter(
-                self.domain, str(envelope["event_id"]), delivery.stream_sequence, json.dumps(envelope).encode()
+                self.domain,
+                str(envelope["event_id"]),
+                delivery.stream_sequence,
+                json.dumps(envelope, allow_nan=False).encode(),
             )
         except NatsUnavailable as error:
             # Not acked: the event stays in the stream, visible in /api/stream/messages.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 import trio
 
@@ -45,6 +48,10 @@ async def service(nats_server, nursery):
         (b'{"domain": "' + b"a" * 254 + b'"}', "domain must be 1-253 characters"),
         (b'{"domain": "ok.vn", "event_id": "has space"}', "event_id must be a string"),
         (b'{"domain": "ok.vn", "event_id": 7}', "event_id must be a string"),
+        (b'{"domain": "ok.vn", "duration": NaN}', "body is not valid JSON: NaN is not a JSON value"),
+        (b'{"domain": "ok.vn", "duration": Infinity}', "body is not valid JSON: Infinity is not a JSON value"),
+        (b'{"domain": "ok.vn", "duration": -Infinity}', "body is not valid JSON: -Infinity is not a JSON value"),
+        (b'{"domain": "ok.vn", "duration": 1e999}', "body is not valid JSON: number 1e999 is too large"),
     ],
 )
 async def test_invalid_event_gets_400_with_reason(service: RunningService, body: bytes, reason: str):
@@ -54,6 +61,37 @@ async def test_invalid_event_gets_400_with_reason(service: RunningService, body:
     assert response.status_code == 400
     assert response.json()["status"] == "error"
     assert response.json()["error"].startswith(reason)
+
+
+async def test_a_nan_is_refused_unstored_and_what_follows_is_forwarded_as_strict_json(
+    nats_server, start_backend: StartBackend
+):
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"ok.vn": [backend.url]})
+    with trio.fail_after(30):
+        async with running_service(config) as service:
+            refused = await service.client.post(
+                f"{service.url}/events",
+                content=b'{"domain": "ok.vn", "call_id": "nan", "duration": NaN}',
+                headers={"Content-Type": "application/json"},
+            )
+            accepted = await service.post_event(call_event("ok.vn", "after", duration=1.5))
+            await backend.wait_count(1)
+    assert refused.status_code == 400
+    assert refused.json()["error"].startswith("body is not valid JSON: NaN")
+    # Nothing was stored for the refused body: the next event is the stream's first.
+    assert accepted.status_code == 202 and accepted.json()["sequence"] == 1
+    [forwarded] = backend.raw_bodies
+    assert _strict_json(forwarded)["call_id"] == "after"
+
+
+def _strict_json(raw: bytes) -> Any:
+    """Parse as RFC 8259 has it (Python's json accepts NaN and Infinity unless told not to)."""
+
+    def refuse(name: str) -> Any:
+        raise AssertionError(f"{name} is not JSON")
+
+    return json.loads(raw, parse_constant=refuse)
 
 
 async def test_body_over_limit_gets_413(service: RunningService):

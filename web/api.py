@@ -18,7 +18,15 @@ from actors.log_writer import LogWriter
 from actors.stats import StatsCollector, rfc3339
 from actors.subscriber import Subscriber
 from pipeline.domain_logs import domain_directory, logged_domains, read_day
-from pipeline.events import AcceptedEvent, InvalidEvent, describe, domain_subject, normalize_domain, subject_domain
+from pipeline.events import (
+    AcceptedEvent,
+    InvalidEvent,
+    describe,
+    domain_subject,
+    normalize_domain,
+    parse_strict_json,
+    subject_domain,
+)
 from pipeline.nats_bridge import JetStream, NatsUnavailable, StoredMessage
 from pipeline.routes import Routes
 
@@ -184,7 +192,7 @@ def register_api(
         replayed = AcceptedEvent(
             event_id=event_id,
             domain=envelope["domain"],
-            payload=json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode(),
+            payload=json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(),
             fields=describe(event) | {"domain": envelope["domain"]},
             event=event,
             # A fresh id per dead letter: the replay is not deduplicated away, a retried replay is.
@@ -259,6 +267,6 @@ def _route_list(routes: Routes) -> list[dict[str, Any]]:
 
 def _parsed(data: bytes) -> Any:
     try:
-        return json.loads(data)
-    except ValueError:
+        return parse_strict_json(data)
+    except ValueError:  # not JSON, or a NaN stored by an older version: shown as text
         return data.decode(errors="replace")

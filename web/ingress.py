@@ -71,7 +71,7 @@ class EventIngress:
                 status, body, headers = await self._post_event(scope, receive)
             except ClientGone:
                 return
-        payload = json.dumps(body).encode()
+        payload = json.dumps(body, allow_nan=False).encode()
         raw_headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
