@@ -43,6 +43,17 @@ class NatsUnavailable(Exception):
     """NATS cannot serve the request now (disconnected, reconnected, consumer lost)."""
 
 
+class EventTooLarge(Exception):
+    """An event NATS cannot carry: with its headers it is over the server's ``max_payload``."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"event too large: {size} bytes as stored (compact JSON with its event_id); the limit is {limit} bytes"
+        )
+        self.size = size
+        self.limit = limit
+
+
 # What nats-py raises when the server is away or the consumer is gone.
 _NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError, OSError)
 
@@ -237,7 +248,8 @@ class JetStream:
         """Store ``events`` in one bridge crossing; one receipt or error per event, in order.
 
         Each is published with ``Nats-Msg-Id`` = event_id, so a repeat inside the
-        duplicate window is stored once (and reported as a duplicate).
+        duplicate window is stored once (and reported as a duplicate). An event
+        over the server's ``max_payload`` gets ``EventTooLarge`` and is not sent.
         """
         if not self.connected.value:
             unavailable = NatsUnavailable("not connected to NATS")
@@ -251,7 +263,7 @@ class JetStream:
             for event in events:
                 try:
                     futures.append(
-                        await self._context.publish_async(
+                        await self._publish_async(
                             domain_subject(pattern, event.domain),
                             event.payload,
                             headers={"Nats-Msg-Id": event.message_id or event.event_id},
@@ -280,6 +292,30 @@ class JetStream:
             PublishReceipt(result.seq, bool(result.duplicate)) if isinstance(result, api.PubAck) else result
             for result in results
         ]
+
+    async def _publish_async(self, subject: str, payload: bytes, headers: dict[str, str]) -> asyncio.Future:
+        """``publish_async``, refusing what nats-server would close the connection for.
+
+        The server counts the headers against ``max_payload``; nats-py checks the
+        payload alone, so a message it lets through can still cost the connection.
+        """
+        limit = self._client.max_payload - _header_block_size(headers)
+        if len(payload) > limit:
+            raise EventTooLarge(len(payload), limit)
+        # nats-py takes a pending slot (of 4,000) and registers the ack's future
+        # before it publishes, and keeps both when the publish raises
+        # (MaxPayloadError, a closed connection): thousands wedge publishing.
+        # Cancelling that future frees both. It is the newest one: publish_async
+        # awaits nothing between registering it and raising.
+        pending = self._context._publish_async_futures
+        newest_before = next(reversed(pending), None)
+        try:
+            return await self._context.publish_async(subject, payload, headers=headers)
+        except Exception:
+            newest = next(reversed(pending), None)
+            if newest is not None and newest != newest_before:
+                pending[newest].cancel()
+            raise
 
     @property
     def dead_letter_stream(self) -> str:
@@ -418,6 +454,11 @@ class JetStream:
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"cannot open consumer {name}: {error or type(error).__name__}") from error
         return DomainConsumer(self, domain, subscription)
+
+
+def _header_block_size(headers: dict[str, str]) -> int:
+    """Bytes of the header block nats-py sends (HPUB): ``NATS/1.0``, one line per header, a blank line."""
+    return len(b"NATS/1.0\r\n\r\n") + sum(len(f"{name}: {value}\r\n".encode()) for name, value in headers.items())
 
 
 def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

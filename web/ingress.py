@@ -18,6 +18,7 @@ from trio_util import AsyncValue
 from actors.ingress import PublishRequest
 from pipeline.access import DomainRateLimiter, IngressAccess
 from pipeline.events import InvalidEvent, parse_event
+from pipeline.nats_bridge import EventTooLarge
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -140,6 +141,8 @@ class EventIngress:
         outcome = publish.outcome
         if outcome is None:
             return _error(503, "timed out storing the event; retry with the same event_id", event_id=event.event_id)
+        if isinstance(outcome, EventTooLarge):
+            return _error(413, str(outcome), limit_bytes=outcome.limit)
         if isinstance(outcome, Exception):
             return _error(
                 500,
