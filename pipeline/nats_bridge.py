@@ -153,6 +153,8 @@ class JetStream:
         self.connected = AsyncBool(False)
         self.connection_number = 0
         self._closing = False
+        # Set when nats-py closed the client for good (not by us): _keep_connected replaces it.
+        self._client_closed = trio.Event()
         self._client = NatsClient()
         self._js: JetStreamContext | None = None
 
@@ -161,7 +163,11 @@ class JetStream:
         return str(self._client.connected_url.geturl()) if self._client.connected_url else ""
 
     async def _connect(self, url: str) -> None:
+        client = NatsClient()
+
         async def disconnected() -> None:
+            if client is not self._client:
+                return  # a client already replaced
             self.connected.value = False
             if not self._closing:
                 log.warning("NATS disconnected")
@@ -175,10 +181,14 @@ class JetStream:
             log.warning("NATS error", error=str(exc) or type(exc).__name__)
 
         async def closed() -> None:
+            if client is not self._client:
+                return
             self.connected.value = False
+            if not self._closing:
+                self._client_closed.set()
 
-        self._client = NatsClient()
-        await self._client.connect(
+        self._client = client
+        await client.connect(
             servers=[server.strip() for server in url.split(",")],
             name="telephony-forwarder",
             # nats-py gives up after 60 reconnects by default and notices a dead
@@ -194,8 +204,35 @@ class JetStream:
             error_cb=error,
             closed_cb=closed,
         )
-        self._js = self._client.jetstream(timeout=self.config.publish_timeout_seconds)
+        self._js = client.jetstream(timeout=self.config.publish_timeout_seconds)
         self.connected.value = True
+
+    async def _connect_until_up(self, url: str) -> None:
+        """Connect to NATS at ``url``, retrying until it answers."""
+        while True:
+            try:
+                await aio_as_trio(self._connect)(url)
+                return
+            except (TimeoutError, nats.errors.Error, OSError) as error:
+                log.warning("NATS not reachable; retrying", url=url, error=str(error) or type(error).__name__)
+                await trio.sleep(RECONNECT_WAIT_SECONDS)
+
+    async def _keep_connected(self, url: str) -> None:
+        """Replace the client whenever nats-py closes it, until cancelled.
+
+        nats-py reconnects a dropped connection by itself, but a closed client
+        (a server's -ERR, such as for a message over max_payload; a failed
+        reconnect) stays closed: without a new one every publish and fetch fails.
+        """
+        while True:
+            await self._client_closed.wait()
+            self._client_closed = trio.Event()
+            reason = self._client.last_error
+            log.error("NATS connection closed; opening a new one", error=str(reason) if reason else None)
+            # The fetch loops re-open their consumers when this changes.
+            self.connection_number += 1
+            await self._connect_until_up(url)
+            log.info("NATS connection rebuilt", url=self.server_url)
 
     async def _drain(self) -> None:
         self._closing = True
@@ -472,23 +509,24 @@ def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
 async def open_jetstream(config: NatsConfig, url: str) -> AsyncIterator[JetStream]:
     """Connect to NATS at ``url`` (retrying until it answers) and ensure the stream.
 
-    On exit the connection is drained (bounded by ``DRAIN_TIMEOUT_SECONDS``), so
-    acks already handed to nats-py reach the server.
+    While open, a client that nats-py closes is replaced by a new connection
+    (``connection_number`` changes, so consumers are re-opened). On exit the
+    connection is drained (bounded by ``DRAIN_TIMEOUT_SECONDS``), so acks
+    already handed to nats-py reach the server.
     """
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(_log_asyncio_error)
         jetstream = JetStream(config)
-        while True:
-            try:
-                await aio_as_trio(jetstream._connect)(url)
-                break
-            except (TimeoutError, nats.errors.Error, OSError) as error:
-                log.warning("NATS not reachable; retrying", url=url, error=str(error) or type(error).__name__)
-                await trio.sleep(RECONNECT_WAIT_SECONDS)
+        await jetstream._connect_until_up(url)
         log.info("NATS connected", url=jetstream.server_url)
         try:
             await jetstream.ensure_stream()
-            yield jetstream
+            async with trio.open_nursery() as keeper:
+                keeper.start_soon(jetstream._keep_connected, url)
+                try:
+                    yield jetstream
+                finally:
+                    keeper.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT_SECONDS):
                 await aio_as_trio(jetstream._drain)()
