@@ -14,7 +14,7 @@ from trio_util import AsyncValue
 
 from actors.stats import ForwardOutcome
 from pipeline.config import ForwardingConfig
-from pipeline.events import describe, event_key
+from pipeline.events import describe, event_key, parse_strict_json
 from pipeline.nats_bridge import Delivery
 from pipeline.routes import Endpoint, Routes
 from pipeline.signing import signature_headers
@@ -135,7 +135,8 @@ class Forwarder:
 
     async def _forward_to_all(self, delivery: Delivery) -> None:
         try:
-            event = json.loads(delivery.data)
+            # Strict: a NaN stored by an older version could not be forwarded as JSON.
+            event = parse_strict_json(delivery.data)
             if not isinstance(event, dict):
                 raise ValueError("not a JSON object")
         except ValueError as error:
@@ -156,7 +157,7 @@ class Forwarder:
             event_log.warning("Route removed; leaving event for redelivery")
             return
         event["delivery_attempt"] = delivery.delivery_attempt
-        body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+        body = json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         # Unique across tenants, who may choose the same event_id: what backends deduplicate on.
         key = event_key(self.domain, str(event.get("event_id", "")))
         headers = {"Content-Type": "application/json", "Idempotency-Key": key, "User-Agent": USER_AGENT}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -29,6 +30,26 @@ _ESCAPE = re.compile(r"~([0-9a-f]{2})")
 
 class InvalidEvent(ValueError):
     """A request body that is not an acceptable event; ``str()`` says why, for the client."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (RFC 8259 has no NaN, Infinity or -Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"number {text[:40]} is too large for a double (RFC 8259 section 6)")
+    return number
+
+
+def parse_strict_json(data: bytes | str) -> Any:
+    """``json.loads`` of what RFC 8259 allows: ``NaN``, ``Infinity``, ``-Infinity`` and
+    numbers beyond a double (which would come back out as ``Infinity``) raise ``ValueError``.
+
+    What it returns always serialises again with ``json.dumps(..., allow_nan=False)``.
+    """
+    return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def normalize_domain(domain: object) -> str:
@@ -63,8 +84,8 @@ def parse_event(body: bytes) -> AcceptedEvent:
     client's own when it sent a valid one, else a new UUID).
     """
     try:
-        event = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        event = parse_strict_json(body)
+    except ValueError as error:  # also a bad encoding, an integer of over 4,300 digits
         raise InvalidEvent(f"body is not valid JSON: {error}") from None
     if not isinstance(event, dict):
         raise InvalidEvent("body must be a JSON object")
@@ -76,7 +97,7 @@ def parse_event(body: bytes) -> AcceptedEvent:
         event_id = event["event_id"] = str(uuid.uuid4())
     elif not isinstance(event_id, str) or not _EVENT_ID.fullmatch(event_id):
         raise InvalidEvent(f"event_id must be a string of 1-{MAX_EVENT_ID_LENGTH} printable characters without spaces")
-    payload = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+    payload = json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
     return AcceptedEvent(event_id, domain, payload, describe(event) | {"domain": domain}, event)
 
 

@@ -81,6 +81,17 @@ class StreamSetupError(ConfigError):
     """The streams cannot be set up as configured; ``str()`` is one line naming what to change."""
 
 
+class EventTooLarge(Exception):
+    """An event NATS cannot carry: with its headers it is over the server's ``max_payload``."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"event too large: {size} bytes as stored (compact JSON with its event_id); the limit is {limit} bytes"
+        )
+        self.size = size
+        self.limit = limit
+
+
 # What nats-py raises when the server is away or the consumer is gone.
 _NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError, OSError)
 
@@ -192,6 +203,8 @@ class JetStream:
         self.connected = AsyncBool(False)
         self.connection_number = 0
         self._closing = False
+        # Set when nats-py closed the client for good (not by us): _keep_connected replaces it.
+        self._client_closed = trio.Event()
         self._client = NatsClient()
         self._js: JetStreamContext | None = None
         self.consumer_limit = MIN_CONSUMER_LIMIT  # of the event stream, once ensure_streams ran
@@ -206,7 +219,11 @@ class JetStream:
         return str(self._client.connected_url.geturl()) if self._client.connected_url else ""
 
     async def _connect(self, url: str) -> None:
+        client = NatsClient()
+
         async def disconnected() -> None:
+            if client is not self._client:
+                return  # a client already replaced
             self.connected.value = False
             if not self._closing:
                 log.warning("NATS disconnected")
@@ -220,10 +237,14 @@ class JetStream:
             log.warning("NATS error", error=str(exc) or type(exc).__name__)
 
         async def closed() -> None:
+            if client is not self._client:
+                return
             self.connected.value = False
+            if not self._closing:
+                self._client_closed.set()
 
-        self._client = NatsClient()
-        await self._client.connect(
+        self._client = client
+        await client.connect(
             servers=[server.strip() for server in url.split(",")],
             name="telephony-forwarder",
             # nats-py gives up after 60 reconnects by default and notices a dead
@@ -239,8 +260,35 @@ class JetStream:
             error_cb=error,
             closed_cb=closed,
         )
-        self._js = self._client.jetstream(timeout=self.config.publish_timeout_seconds)
+        self._js = client.jetstream(timeout=self.config.publish_timeout_seconds)
         self.connected.value = True
+
+    async def _connect_until_up(self, url: str) -> None:
+        """Connect to NATS at ``url``, retrying until it answers."""
+        while True:
+            try:
+                await aio_as_trio(self._connect)(url)
+                return
+            except (TimeoutError, nats.errors.Error, OSError) as error:
+                log.warning("NATS not reachable; retrying", url=url, error=str(error) or type(error).__name__)
+                await trio.sleep(RECONNECT_WAIT_SECONDS)
+
+    async def _keep_connected(self, url: str) -> None:
+        """Replace the client whenever nats-py closes it, until cancelled.
+
+        nats-py reconnects a dropped connection by itself, but a closed client
+        (a server's -ERR, such as for a message over max_payload; a failed
+        reconnect) stays closed: without a new one every publish and fetch fails.
+        """
+        while True:
+            await self._client_closed.wait()
+            self._client_closed = trio.Event()
+            reason = self._client.last_error
+            log.error("NATS connection closed; opening a new one", error=str(reason) if reason else None)
+            # The fetch loops re-open their consumers when this changes.
+            self.connection_number += 1
+            await self._connect_until_up(url)
+            log.info("NATS connection rebuilt", url=self.server_url)
 
     async def _drain(self) -> None:
         self._closing = True
@@ -385,7 +433,8 @@ class JetStream:
 
         Each is published with ``Nats-Msg-Id`` = ``event_key(domain, event_id)``,
         so a repeat inside the duplicate window is stored once (and reported as
-        a duplicate). A limit JetStream enforces comes back as ``StreamRefused``.
+        a duplicate). A limit JetStream enforces comes back as ``StreamRefused``;
+        an event over the server's ``max_payload`` gets ``EventTooLarge`` and is not sent.
         """
         if not self.connected.value:
             unavailable = NatsUnavailable("not connected to NATS")
@@ -431,6 +480,12 @@ class JetStream:
         out its whole timeout and learn nothing.
         """
         client = self._client
+        # The server counts the headers against max_payload and closes the
+        # connection for a message over it; nats-py checks the payload alone.
+        headers = {"Nats-Msg-Id": message_id}
+        limit = client.max_payload - _header_block_size(headers)
+        if len(payload) > limit:
+            raise EventTooLarge(len(payload), limit)
         if self._reply_client is not client:
             self._reply_prefix = client.new_inbox() + "."
             self._replies = {}
@@ -441,7 +496,6 @@ class JetStream:
         reply.add_done_callback(lambda _: self._replies.pop(token, None))
         self._replies[token] = reply
         try:
-            headers = {"Nats-Msg-Id": message_id}
             await client.publish(subject, payload, reply=self._reply_prefix + token, headers=headers)
         except BaseException:
             reply.cancel()
@@ -679,6 +733,11 @@ class JetStream:
         return PullConsumer(self, name, subscription)
 
 
+def _header_block_size(headers: dict[str, str]) -> int:
+    """Bytes of the header block nats-py sends (HPUB): ``NATS/1.0``, one line per header, a blank line."""
+    return len(b"NATS/1.0\r\n\r\n") + sum(len(f"{name}: {value}\r\n".encode()) for name, value in headers.items())
+
+
 def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     # Without a handler trio-asyncio re-raises stray asyncio errors into its
     # nursery and tears the whole service down.
@@ -690,23 +749,24 @@ def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
 async def open_jetstream(config: NatsConfig, url: str, routed_domains: int) -> AsyncIterator[JetStream]:
     """Connect to NATS at ``url`` (retrying until it answers) and ensure the streams.
 
-    On exit the connection is drained (bounded by ``DRAIN_TIMEOUT_SECONDS``), so
-    acks already handed to nats-py reach the server.
+    While open, a client that nats-py closes is replaced by a new connection
+    (``connection_number`` changes, so consumers are re-opened). On exit the
+    connection is drained (bounded by ``DRAIN_TIMEOUT_SECONDS``), so acks
+    already handed to nats-py reach the server.
     """
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(_log_asyncio_error)
         jetstream = JetStream(config)
-        while True:
-            try:
-                await aio_as_trio(jetstream._connect)(url)
-                break
-            except (TimeoutError, nats.errors.Error, OSError) as error:
-                log.warning("NATS not reachable; retrying", url=url, error=str(error) or type(error).__name__)
-                await trio.sleep(RECONNECT_WAIT_SECONDS)
+        await jetstream._connect_until_up(url)
         log.info("NATS connected", url=jetstream.server_url)
         try:
             await jetstream.ensure_streams(routed_domains)
-            yield jetstream
+            async with trio.open_nursery() as keeper:
+                keeper.start_soon(jetstream._keep_connected, url)
+                try:
+                    yield jetstream
+                finally:
+                    keeper.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT_SECONDS):
                 await aio_as_trio(jetstream._drain)()

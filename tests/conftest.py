@@ -1,11 +1,18 @@
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import trio
+import trio_asyncio
 
+from pipeline import supervisor
+from pipeline.config import NatsConfig
+from pipeline.nats_bridge import JetStream
 from tests.harness import Backend, NatsServer, serve_backend
 
 
@@ -29,3 +36,31 @@ def start_backend(nursery: trio.Nursery) -> StartBackend:
         return backend
 
     return start
+
+
+@dataclass(frozen=True)
+class OpenedJetStream:
+    """A ``JetStream`` of the service under test and the trio-asyncio loop its client runs on."""
+
+    jetstream: JetStream
+    loop: asyncio.AbstractEventLoop
+
+    async def run_asyncio(self, function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Await the asyncio ``function(*args)`` on the service's loop (a test task is not inside it)."""
+        return await trio_asyncio.aio_as_trio(function, loop=self.loop)(*args)
+
+
+@pytest.fixture
+def jetstreams(monkeypatch: pytest.MonkeyPatch) -> list[OpenedJetStream]:
+    """Every ``JetStream`` the service under test opens, for scenarios that act on its NATS client."""
+    opened: list[OpenedJetStream] = []
+    open_jetstream = supervisor.open_jetstream
+
+    @asynccontextmanager
+    async def recording(config: NatsConfig, url: str, routed_domains: int) -> AsyncIterator[JetStream]:
+        async with open_jetstream(config, url, routed_domains) as jetstream:
+            opened.append(OpenedJetStream(jetstream, trio_asyncio.current_loop.get()))
+            yield jetstream
+
+    monkeypatch.setattr(supervisor, "open_jetstream", recording)
+    return opened

@@ -14,6 +14,7 @@ from pipeline.events import (
     domain_token,
     normalize_domain,
     parse_event,
+    parse_strict_json,
     subject_domain,
     token_domain,
 )
@@ -63,3 +64,35 @@ def test_parse_event_keeps_fields_and_adds_an_event_id():
 def test_parse_event_keeps_the_clients_event_id():
     accepted = parse_event(b'{"domain": "ok.vn", "event_id": "pbx-1:42"}')
     assert accepted.event_id == "pbx-1:42"
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b'{"domain": "ok.vn", "duration": NaN}', "NaN"),
+        (b'{"domain": "ok.vn", "duration": Infinity}', "Infinity"),
+        (b'{"domain": "ok.vn", "nested": [1, -Infinity]}', "-Infinity"),
+        (b'{"domain": "ok.vn", "duration": 1e400}', "1e400"),
+        (b'{"domain": "ok.vn", "duration": -1E400}', "-1E400"),
+    ],
+)
+def test_parse_event_refuses_what_rfc_8259_does_not_allow(body: bytes, named: str):
+    with pytest.raises(InvalidEvent, match="body is not valid JSON") as refused:
+        parse_event(body)
+    assert named in str(refused.value)
+
+
+def test_parse_event_refuses_an_integer_python_will_not_convert_as_invalid_json():
+    with pytest.raises(InvalidEvent, match="body is not valid JSON"):
+        parse_event(b'{"domain": "ok.vn", "n": ' + b"1" * 5000 + b"}")
+
+
+def test_parse_event_stores_strict_json():
+    accepted = parse_event(b'{"domain": "ok.vn", "tiny": 1e-400, "big": 123456789012345678901234567890, "x": 1.5}')
+    assert parse_strict_json(accepted.payload) == {
+        "domain": "ok.vn",
+        "tiny": 0.0,
+        "big": 123456789012345678901234567890,
+        "x": 1.5,
+        "event_id": accepted.event_id,
+    }

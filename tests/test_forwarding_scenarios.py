@@ -7,8 +7,8 @@ from functools import partial
 import trio
 from structlog.testing import capture_logs
 
-from pipeline.events import consumer_name
-from tests.conftest import StartBackend
+from pipeline.events import consumer_name, domain_subject
+from tests.conftest import OpenedJetStream, StartBackend
 from tests.harness import HANG, NatsServer, call_event, free_port, make_config, running_service, wait_for_api
 
 SCENARIO_TIMEOUT = 30
@@ -177,3 +177,27 @@ async def _wait_settled(nats_server: NatsServer, stream: str, domain: str) -> No
         if state["num_pending"] == 0 and state["num_ack_pending"] == 0:
             return
         await trio.sleep(0.05)
+
+
+async def test_a_stored_event_with_nan_is_never_forwarded_as_invalid_json(
+    nats_server, start_backend: StartBackend, jetstreams: list[OpenedJetStream]
+):
+    # The ingress refuses NaN now; an older version stored such events as they came.
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"ok.vn": [backend.url]})
+    stored_by_an_older_version = b'{"domain":"ok.vn","call_id":"legacy","duration":NaN,"event_id":"legacy-1"}'
+    with trio.fail_after(SCENARIO_TIMEOUT):
+        async with running_service(config) as service:
+            [opened] = jetstreams
+            await opened.run_asyncio(
+                opened.jetstream._context.publish,
+                domain_subject(config.nats.subject_pattern, "ok.vn"),
+                stored_by_an_older_version,
+            )
+            assert (await service.post_event(call_event("ok.vn", "after"))).json()["sequence"] == 2
+            await backend.wait_count(1)
+            await _wait_settled(nats_server, config.nats.stream_name, "ok.vn")  # the legacy one too
+            health = await service.client.get(f"{service.url}/health")
+    assert [b["call_id"] for b in backend.bodies()] == ["after"]
+    assert b"NaN" not in b"".join(backend.raw_bodies)
+    assert health.status_code == 200

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import uuid
+from typing import Any
+
+import httpx
 import pytest
 import trio
 
@@ -45,6 +50,10 @@ async def service(nats_server, nursery):
         (b'{"domain": "' + b"a" * 254 + b'"}', "domain must be 1-253 characters"),
         (b'{"domain": "ok.vn", "event_id": "has space"}', "event_id must be a string"),
         (b'{"domain": "ok.vn", "event_id": 7}', "event_id must be a string"),
+        (b'{"domain": "ok.vn", "duration": NaN}', "body is not valid JSON: NaN is not a JSON value"),
+        (b'{"domain": "ok.vn", "duration": Infinity}', "body is not valid JSON: Infinity is not a JSON value"),
+        (b'{"domain": "ok.vn", "duration": -Infinity}', "body is not valid JSON: -Infinity is not a JSON value"),
+        (b'{"domain": "ok.vn", "duration": 1e999}', "body is not valid JSON: number 1e999 is too large"),
     ],
 )
 async def test_invalid_event_gets_400_with_reason(service: RunningService, body: bytes, reason: str):
@@ -56,11 +65,85 @@ async def test_invalid_event_gets_400_with_reason(service: RunningService, body:
     assert response.json()["error"].startswith(reason)
 
 
+async def test_a_nan_is_refused_unstored_and_what_follows_is_forwarded_as_strict_json(
+    nats_server, start_backend: StartBackend
+):
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"ok.vn": [backend.url]})
+    with trio.fail_after(30):
+        async with running_service(config) as service:
+            refused = await service.client.post(
+                f"{service.url}/events",
+                content=b'{"domain": "ok.vn", "call_id": "nan", "duration": NaN}',
+                headers={"Content-Type": "application/json"},
+            )
+            accepted = await service.post_event(call_event("ok.vn", "after", duration=1.5))
+            await backend.wait_count(1)
+    assert refused.status_code == 400
+    assert refused.json()["error"].startswith("body is not valid JSON: NaN")
+    # Nothing was stored for the refused body: the next event is the stream's first.
+    assert accepted.status_code == 202 and accepted.json()["sequence"] == 1
+    [forwarded] = backend.raw_bodies
+    assert _strict_json(forwarded)["call_id"] == "after"
+
+
+def _strict_json(raw: bytes) -> Any:
+    """Parse as RFC 8259 has it (Python's json accepts NaN and Infinity unless told not to)."""
+
+    def refuse(name: str) -> Any:
+        raise AssertionError(f"{name} is not JSON")
+
+    return json.loads(raw, parse_constant=refuse)
+
+
 async def test_body_over_limit_gets_413(service: RunningService):
     event = call_event("ok.vn", "big", padding="x" * 2000)
     response = await service.post_event(event)
     assert response.status_code == 413
     assert response.json() == {"status": "error", "error": "body larger than 1024 bytes"}
+
+
+async def test_an_event_too_large_for_nats_gets_413_and_nats_stays_connected(nats_server, start_backend: StartBackend):
+    # nats-server's max_payload (1 MiB, as server.max_body_size) counts the headers,
+    # and the stored event carries its event_id: such a body used to make the server
+    # close the connection, and every later POST failed.
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"ok.vn": [backend.url]})
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            too_large = await _post_sized(service, "too-large", 1_048_500)  # the service adds a UUID event_id
+            assert too_large.status_code == 413, too_large.text
+            after = await service.post_event(call_event("ok.vn", "after"))
+            assert after.status_code == 202
+            await backend.wait_count(1)
+
+            # The limit the answer names holds to the byte, for an event_id as long as the UUID.
+            limit = too_large.json()["limit_bytes"]
+            assert str(limit) in too_large.json()["error"]
+            over = await _post_sized(service, "over", limit + 1, event_id=str(uuid.uuid4()))
+            at_limit = await _post_sized(service, "at-limit", limit, event_id=str(uuid.uuid4()))
+            assert over.status_code == 413
+            assert at_limit.status_code == 202, at_limit.text
+            await backend.wait_count(2)
+            health = await service.client.get(f"{service.url}/health")
+    assert 1_048_400 < limit < 1_048_576
+    assert health.status_code == 200
+    assert [b["call_id"] for b in backend.bodies()] == ["after", "at-limit"]
+
+
+async def _post_sized(service: RunningService, call_id: str, size: int, **fields: Any) -> httpx.Response:
+    """POST an event whose body, as the service stores it (compact JSON), is ``size`` bytes."""
+    event = call_event("ok.vn", call_id, **fields, padding="")
+    event["padding"] = "x" * (size - len(_compact(event)))
+    body = _compact(event)
+    assert len(body) == size
+    return await service.client.post(
+        f"{service.url}/events", content=body, headers={"Content-Type": "application/json"}
+    )
+
+
+def _compact(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, separators=(",", ":")).encode()
 
 
 async def test_unsupported_content_type_gets_415(service: RunningService):

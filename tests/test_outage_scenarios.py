@@ -7,7 +7,7 @@ import signal
 
 import trio
 
-from tests.conftest import StartBackend
+from tests.conftest import OpenedJetStream, StartBackend
 from tests.harness import NatsServer, call_event, make_config, running_service, wait_for_api
 
 
@@ -108,3 +108,25 @@ async def test_broker_outage_mid_load_loses_no_accepted_event(
         f"broker outage: sent 1500, accepted {len(accepted)}, refused {len(refused)}, "
         f"delivered {len(set(accepted) & delivered)}, duplicated {len(backend.bodies()) - len(delivered)}"
     )
+
+
+async def test_a_closed_nats_client_is_rebuilt_and_delivery_resumes(
+    nats_server: NatsServer, start_backend: StartBackend, jetstreams: list[OpenedJetStream]
+):
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"ok.vn": [backend.url]})
+    with trio.fail_after(30):
+        async with running_service(config) as service:
+            assert (await service.post_event(call_event("ok.vn", "before"))).status_code == 202
+            await backend.wait_count(1)
+
+            # Stands for the client closed for any reason (a server's -ERR, a protocol
+            # violation): nats-py never reopens a closed client by itself.
+            [opened] = jetstreams
+            await opened.run_asyncio(opened.jetstream._client.close)
+            await wait_for_api(service, "/health", lambda r: r.status_code == 200)
+            assert (await service.post_event(call_event("ok.vn", "after-1"))).status_code == 202
+            assert (await service.post_event(call_event("ok.vn", "after-2"))).status_code == 202
+            # "before" may come again: its ack can have been cut off by the close.
+            await backend.count.wait_value(lambda _: {"after-1", "after-2"} <= {b["call_id"] for b in backend.bodies()})
+    assert {b["call_id"] for b in backend.bodies()} == {"after-1", "after-2", "before"}

@@ -19,7 +19,15 @@ from actors.log_writer import LogWriter
 from actors.stats import StatsCollector, rfc3339
 from actors.subscriber import Subscriber
 from pipeline.domain_logs import domain_directory, logged_domains, read_day
-from pipeline.events import AcceptedEvent, InvalidEvent, describe, domain_subject, normalize_domain, subject_domain
+from pipeline.events import (
+    AcceptedEvent,
+    InvalidEvent,
+    describe,
+    domain_subject,
+    normalize_domain,
+    parse_strict_json,
+    subject_domain,
+)
 from pipeline.nats_bridge import JetStream, NatsUnavailable, StoredMessage
 from pipeline.routes import Routes
 
@@ -272,6 +280,6 @@ def _route_list(routes: Routes) -> list[dict[str, Any]]:
 
 def _parsed(data: bytes) -> Any:
     try:
-        return json.loads(data)
-    except ValueError:
+        return parse_strict_json(data)
+    except ValueError:  # not JSON, or a NaN stored by an older version: shown as text
         return data.decode(errors="replace")

@@ -18,7 +18,7 @@ from trio_util import AsyncValue
 from actors.ingress import PublishRequest
 from pipeline.access import DomainRateLimiter, IngressAccess
 from pipeline.events import InvalidEvent, parse_event
-from pipeline.nats_bridge import StreamRefused
+from pipeline.nats_bridge import EventTooLarge, StreamRefused
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -75,7 +75,7 @@ class EventIngress:
                 status, body, headers = await self._post_event(scope, receive)
             except ClientGone:
                 return
-        payload = json.dumps(body).encode()
+        payload = json.dumps(body, allow_nan=False).encode()
         raw_headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
@@ -144,6 +144,8 @@ class EventIngress:
         outcome = publish.outcome
         if outcome is None:
             return _error(503, "timed out storing the event; retry with the same event_id", event_id=event.event_id)
+        if isinstance(outcome, EventTooLarge):
+            return _error(413, str(outcome), limit_bytes=outcome.limit)
         if isinstance(outcome, StreamRefused):
             # Nothing is wrong with the event: a limit holds it back until backlogs drain.
             return _error(
