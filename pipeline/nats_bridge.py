@@ -360,7 +360,7 @@ class JetStream:
         server cannot hold them as configured or the event stream was made with
         another retention.
         """
-        limit = consumer_limit(routed_domains)
+        limit = await self._consumer_limit(routed_domains)
 
         async def ensure(config: api.StreamConfig) -> api.StreamInfo:
             try:
@@ -403,29 +403,46 @@ class JetStream:
             )
         return StreamSetupError(f"stream {config.name!r}: JetStream refused it: {error.description}")
 
+    async def _consumer_limit(self, routed_domains: int) -> int:
+        """The event stream's consumer limit for ``routed_domains``, within the NATS account's own limit.
+
+        Raises ``StreamSetupError`` when the account cannot give each routed domain its consumer.
+        """
+        try:
+            account = await aio_as_trio(self._context.account_info)()
+        except _NATS_ERRORS as error:
+            raise NatsUnavailable(f"cannot read the account's limits: {error or type(error).__name__}") from error
+        limit = consumer_limit(routed_domains)
+        allowed = account.limits.max_consumers
+        if allowed is not None and allowed >= 0:
+            # The account's limit counts every consumer: keep one for the dead-letter writers.
+            limit = min(limit, allowed - 1)
+            if routed_domains > limit:
+                raise StreamSetupError(
+                    f"{routed_domains} routed domains need a consumer each, and the NATS account allows "
+                    f"{allowed} consumers in all (one is the dead-letter writer's): route fewer domains "
+                    "or raise the account's jetstream max_consumers"
+                )
+        return limit
+
     async def admit_routes(self, routed_domains: int) -> None:
         """Make sure the event stream allows a consumer for each of ``routed_domains``.
 
-        Raises ``StreamSetupError`` when the server refuses to raise the limit.
+        Raises ``StreamSetupError`` (one line) when the server cannot serve that many.
         """
-        limit = consumer_limit(routed_domains)
+        limit = await self._consumer_limit(routed_domains)
         if limit <= self.consumer_limit:
-            return
+            return  # only ever raised: consumers of removed routes may remain on the server
         config = self._stream_configs(limit)["nats.max_bytes"]
         try:
-            info = await aio_as_trio(self._context.update_stream)(config)
+            await aio_as_trio(self._context.update_stream)(config)
         except nats.js.errors.APIError as error:
             raise StreamSetupError(
                 f"{routed_domains} routed domains need {limit} consumers on stream {config.name!r}; "
                 f"JetStream refused: {error.description}"
             ) from None
         except _NATS_ERRORS as error:
-            raise NatsUnavailable(f"cannot raise the consumer limit: {error or type(error).__name__}") from error
-        if (info.config.max_consumers or 0) < routed_domains:
-            raise StreamSetupError(
-                f"{routed_domains} routed domains need as many consumers; stream {config.name!r} "
-                f"allows {info.config.max_consumers}"
-            )
+            raise NatsUnavailable(f"cannot change the consumer limit: {error or type(error).__name__}") from error
         self.consumer_limit = limit
 
     async def publish_batch(self, events: Sequence[AcceptedEvent]) -> list[PublishReceipt | Exception]:

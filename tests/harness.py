@@ -28,7 +28,7 @@ from trio_util import AsyncValue
 
 from actors.log_writer import DomainLogRouter
 from pipeline.config import Config
-from pipeline.embedded_nats import EmbeddedNats
+from pipeline.embedded_nats import EmbeddedNats, _read_lines, _ServerProcess, server_binary
 from pipeline.supervisor import run_service
 
 # An answer a backend can give: an HTTP status, or HANG (never answer).
@@ -154,6 +154,34 @@ class NatsServer:
                         if info["name"] == consumer:
                             return info
         raise LookupError(f"no consumer {consumer} on stream {stream}")
+
+
+async def serve_limited_nats(
+    work: Path, *, max_consumers: int, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The bundled nats-server with one account whose JetStream allows ``max_consumers`` consumers.
+
+    Reports the client URL (with the account's user) once the server is ready; runs until cancelled.
+    """
+    port = free_port()
+    conf = work / "nats-limited.conf"
+    conf.write_text(
+        f'host: 127.0.0.1\nport: {port}\njetstream {{ store_dir: "{work / "jetstream"}" }}\n'
+        f"accounts {{ APP {{ jetstream {{ max_file: 1G, max_mem: 64M, max_consumers: {max_consumers} }}, "
+        "users: [{user: app, password: app}] } }\n"
+    )
+    process = _ServerProcess([str(server_binary()), "-c", str(conf)])
+    try:
+        lines = _read_lines(process.stderr)
+        async for line in lines:
+            if b"Server is ready" in line:
+                break
+        task_status.started(f"nats://app:app@127.0.0.1:{port}")
+        async for _ in lines:  # keep its log pipe drained
+            pass
+    finally:
+        with trio.CancelScope(shield=True):
+            await process.stop()
 
 
 def make_config(nats_url: str, routes: dict[str, list[Any]], **sections: dict[str, Any]) -> Config:

@@ -187,3 +187,11 @@ def test_dead_letter_is_listed_with_a_replay_button(page: Page, service: CliServ
     expect(letter).to_have_count(0)
     # …and, its endpoint still failing, comes back as a dead letter after its new attempts.
     expect(letter).to_have_count(1)
+
+
+def test_backlogs_show_against_the_quota_and_unrouted_domains_wait_in_view(page: Page, service: CliService):
+    service.post(call("waiting.example.vn", "no-route-yet"))
+    unrouted = page.locator('[data-testid="unrouted"] li[data-domain="waiting.example.vn"]')
+    expect(unrouted).to_contain_text("1 waiting, oldest")
+    route = page.locator('[data-testid="routes"] li[data-domain="vietanh.cloudgo.vn"]')
+    expect(route.locator(".route-backlog")).to_contain_text("waiting of 100,000")

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
+
+import pytest
 import trio
 
+from pipeline.config import load_config
+from pipeline.nats_bridge import StreamSetupError
 from tests.conftest import StartBackend
-from tests.harness import HANG, call_event, make_config, running_service, wait_for_api
+from tests.harness import (
+    HANG,
+    call_event,
+    make_config,
+    running_service,
+    serve_limited_nats,
+    wait_for_api,
+    write_config,
+)
 
 
 async def test_a_domain_over_its_backlog_quota_is_refused_while_others_are_accepted(
@@ -96,3 +110,29 @@ async def test_the_thousand_and_first_tenant_is_delivered(nats_server, start_bac
             assert response.status_code == 202
             await backend.wait_count(1)
     assert backend.bodies()[0]["call_id"] == "last-tenant"
+
+
+async def test_routes_the_nats_account_cannot_serve_are_refused_at_start_and_at_reload(
+    nursery: trio.Nursery, tmp_path: Path, start_backend: StartBackend
+):
+    # The account allows 4 consumers: the dead-letter writer's and 3 routed domains'.
+    url = await nursery.start(partial(serve_limited_nats, tmp_path, max_consumers=4))
+    backend = await start_backend()
+    small = {"max_bytes": 10_000_000, "dead_letter_max_bytes": 10_000_000}
+    too_many = {f"t{n}.vn": [backend.url] for n in range(4)}
+    with trio.fail_after(60):
+        with pytest.raises(BaseExceptionGroup) as refused:
+            async with running_service(make_config(url, too_many, nats=small)):
+                pass
+        assert refused.group_contains(StreamSetupError, match="4 routed domains need a consumer each")
+
+        path = tmp_path / "config.yaml"
+        write_config(path, url, {"t0.vn": [backend.url], "t1.vn": [backend.url]}, nats=small)
+        async with running_service(load_config(path), config_path=path) as service:
+            write_config(path, url, too_many, nats=small)
+            reload = await service.client.post(f"{service.url}/api/config/reload")
+            routes = (await service.client.get(f"{service.url}/api/config/routes")).json()
+            assert (await service.post_event(call_event("t1.vn", "still-served"))).status_code == 202
+            await backend.wait_count(1)
+    assert reload.status_code == 400 and "4 routed domains need a consumer each" in reload.json()["message"]
+    assert routes["route_count"] == 2

@@ -19,6 +19,8 @@ const TEXT = {
     pickLogDomain: "Choose a domain to read its log files.", noLogDay: "No forwarding outcomes in the log for this day.",
     apiError: "Could not load events: {error}", routes: "Routes", reload: "Reload config", reloading: "Reloading…",
     loadedAt: "Loaded", noRoutes: "No routes configured: events are stored and wait for a route.",
+    backlog: "{n} waiting of {quota}", unrouted: "Waiting for a route", noUnrouted: "None.",
+    unroutedItem: "{n} waiting, oldest {age} ago",
     attempt: "attempt {n} of {max}", attemptShort: "attempt {n}", willRetry: "Will retry", finalFailure: "Given up",
     delivered: "Delivered", payload: "Full event", events_n: "{n} events", shownOf: "showing {shown} of {total}",
     deadLetters: "Dead letters", deadNote: "Events that failed every delivery attempt. Replay sends one again to its domain's endpoints.",
@@ -41,6 +43,8 @@ const TEXT = {
     pickLogDomain: "Chọn một tên miền để đọc log files.", noLogDay: "Không có kết quả chuyển tiếp nào trong log ngày này.",
     apiError: "Không tải được sự kiện: {error}", routes: "Định tuyến", reload: "Tải lại cấu hình", reloading: "Đang tải lại…",
     loadedAt: "Nạp lúc", noRoutes: "Chưa có định tuyến: sự kiện được lưu và chờ định tuyến.",
+    backlog: "{n} đang chờ / {quota}", unrouted: "Chờ định tuyến", noUnrouted: "Không có.",
+    unroutedItem: "{n} đang chờ, cũ nhất {age} trước",
     attempt: "lần {n}/{max}", attemptShort: "lần {n}", willRetry: "Sẽ thử lại", finalFailure: "Đã bỏ",
     delivered: "Đã chuyển", payload: "Toàn bộ sự kiện", events_n: "{n} sự kiện", shownOf: "hiển thị {shown}/{total}",
     deadLetters: "Sự kiện thất bại", deadNote: "Sự kiện đã thất bại ở mọi lần gửi. Gửi lại sẽ chuyển sự kiện tới các endpoint của tên miền.",
@@ -152,6 +156,7 @@ function connectLive() {
     state.stats = update;
     renderHealth();
     renderStats();
+    renderBacklog();
     refreshDomainChoices();
     if (update.backlog?.dead_letters !== state.deadLetterCount) {
       state.deadLetterCount = update.backlog?.dead_letters;
@@ -307,6 +312,25 @@ function renderRoutes() {
     ...route.endpoints.map((endpoint) => el("div", { className: "route-endpoint", text: endpoint })))));
 }
 
+function renderBacklog() {
+  const backlog = state.stats?.backlog;
+  if (!backlog?.available) return;
+  const number = (n) => Number(n).toLocaleString(state.lang === "vi" ? "vi-VN" : "en-US");
+  for (const node of document.querySelectorAll("#routes li[data-domain]")) {
+    const waiting = backlog.domains[node.dataset.domain] ?? 0;
+    let line = node.querySelector(".route-backlog");
+    if (!line) line = node.appendChild(el("div", { className: "route-backlog" }));
+    line.textContent = t("backlog", { n: number(waiting), quota: number(backlog.quota_per_domain) });
+    line.classList.toggle("error-text", waiting >= backlog.quota_per_domain * 0.9);
+  }
+  const unrouted = Object.entries(backlog.unrouted);
+  $("#unrouted").replaceChildren(...(unrouted.length
+    ? unrouted.map(([domain, { waiting, oldest_age_seconds: age }]) => el("li", { "data-domain": domain },
+      el("div", { className: "route-domain", text: domain }),
+      el("div", { className: "route-endpoint", text: t("unroutedItem", { n: number(waiting), age: formatUptime(age ?? 0) }) })))
+    : [el("li", { className: "muted", text: t("noUnrouted") })]));
+}
+
 async function loadRoutes() {
   try {
     const { body } = await getJSON("/api/config/routes");
@@ -315,6 +339,7 @@ async function loadRoutes() {
     loaded.textContent = body.loaded_at ? new Date(body.loaded_at).toLocaleString(state.lang === "vi" ? "vi-VN" : "en-GB") : "—";
     loaded.dateTime = body.loaded_at || "";
     renderRoutes();
+    renderBacklog();
     refreshDomainChoices();
   } catch (error) {
     $("#routes").replaceChildren(el("li", { className: "muted", text: t("apiError", { error: error.message }) }));
