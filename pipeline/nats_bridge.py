@@ -28,8 +28,15 @@ from nats.js import JetStreamContext, api
 from trio_asyncio import aio_as_trio
 from trio_util import AsyncBool
 
-from pipeline.config import ConfigError, NatsConfig
-from pipeline.events import AcceptedEvent, consumer_name, domain_subject, domain_token, event_key, subject_domain
+from pipeline.config import NatsConfig
+from pipeline.events import AcceptedEvent, consumer_name, domain_subject, event_key, subject_domain
+from pipeline.streams import (
+    MIN_CONSUMER_LIMIT,
+    Streams,
+    StreamSetupError,
+    consumer_limit,
+    retention_mismatch,
+)
 
 log = structlog.get_logger(component="nats")
 
@@ -39,26 +46,14 @@ IDLE_FETCH_SECONDS = 5.0
 BATCH_WINDOW_SECONDS = 0.005
 DRAIN_TIMEOUT_SECONDS = 5.0
 RECONNECT_WAIT_SECONDS = 1.0
-# nats-server 2.15's default consumer limit per stream; the event stream's is
-# set explicitly, never below this, and raised with the routes.
-MIN_CONSUMER_LIMIT = 1000
-# The advisories of events JetStream gave up on are small (~250 bytes): this
-# holds hundreds of thousands while no dead-letter writer runs.
-ADVISORY_STREAM_BYTES = 64 * 1024**2
 # A dead-letter writer that took an advisory has this long to file it before
 # another instance gets it.
 ADVISORY_ACK_WAIT_SECONDS = 30.0
 # Unrouted domains whose oldest waiting event is looked up (one request each), largest backlog first.
 MAX_UNROUTED_LOOKUPS = 50
-# JetStream's errors worth naming to operators.
-_ERR_STREAM_LIMIT = 10077  # "maximum messages per subject exceeded", "maximum bytes exceeded", ...
-_ERR_INSUFFICIENT_STORAGE = 10047
-_ERR_REPLICAS_NOT_SUPPORTED = 10074
-
-
-def consumer_limit(routed_domains: int) -> int:
-    """The event stream's consumer limit for ``routed_domains`` (one consumer each), with room to grow."""
-    return max(MIN_CONSUMER_LIMIT, 2 * routed_domains)
+# JetStream's refusal of a publish because a limit is reached: "maximum
+# messages per subject exceeded", "maximum bytes exceeded", ...
+_ERR_STREAM_LIMIT = 10077
 
 
 class NatsUnavailable(Exception):
@@ -75,10 +70,6 @@ class StreamRefused(Exception):
     def __init__(self, limit: str, message: str) -> None:
         super().__init__(message)
         self.limit = limit
-
-
-class StreamSetupError(ConfigError):
-    """The streams cannot be set up as configured; ``str()`` is one line naming what to change."""
 
 
 class EventTooLarge(Exception):
@@ -207,6 +198,7 @@ class JetStream:
         self._client_closed = trio.Event()
         self._client = NatsClient()
         self._js: JetStreamContext | None = None
+        self.streams = Streams(config)
         self.consumer_limit = MIN_CONSUMER_LIMIT  # of the event stream, once ensure_streams ran
         # Our own replies to publishes (see _publish_async), per client.
         self._reply_client: NatsClient | None = None
@@ -304,55 +296,6 @@ class JetStream:
         assert self._js is not None, "use open_jetstream()"
         return self._js
 
-    @property
-    def advisory_stream(self) -> str:
-        """Where JetStream's "gave up on this event" advisories wait for the dead-letter writer."""
-        return f"{self.config.stream_name}-given-up"
-
-    def _stream_configs(self, consumer_limit: int) -> dict[str, api.StreamConfig]:
-        """Each stream's config, by the config key that sizes it."""
-        nats_config = self.config
-        return {
-            "nats.max_bytes": api.StreamConfig(
-                name=nats_config.stream_name,
-                subjects=[nats_config.subject_pattern],
-                storage=api.StorageType.FILE,
-                # An event leaves once acknowledged; history lives in /api/events and the log files.
-                retention=api.RetentionPolicy.WORK_QUEUE,
-                # Full, the stream refuses new events; it never deletes waiting ones. One
-                # domain is one subject, so a domain over its quota refuses only its own.
-                discard=api.DiscardPolicy.NEW,
-                max_msgs_per_subject=nats_config.max_backlog_per_domain,
-                discard_new_per_subject=True,
-                max_age=nats_config.max_age_days * 86400,
-                max_bytes=int(nats_config.max_bytes),
-                max_consumers=consumer_limit,
-                duplicate_window=nats_config.duplicate_window_seconds,
-                num_replicas=nats_config.replicas,
-            ),
-            "nats.dead_letter_max_bytes": api.StreamConfig(
-                name=self.dead_letter_stream,
-                subjects=[f"dead-letters.{nats_config.stream_name}.>"],
-                storage=api.StorageType.FILE,
-                retention=api.RetentionPolicy.LIMITS,
-                max_age=nats_config.dead_letter_max_age_days * 86400,
-                max_bytes=int(nats_config.dead_letter_max_bytes),
-                duplicate_window=nats_config.duplicate_window_seconds,
-                num_replicas=nats_config.replicas,
-            ),
-            "nats.max_bytes (and the 64 MiB advisory stream)": api.StreamConfig(
-                name=self.advisory_stream,
-                # JetStream says here when it stops delivering an event, whether or not
-                # an instance is running to hear it.
-                subjects=[f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{nats_config.stream_name}.*"],
-                storage=api.StorageType.FILE,
-                retention=api.RetentionPolicy.WORK_QUEUE,
-                max_age=nats_config.max_age_days * 86400,
-                max_bytes=ADVISORY_STREAM_BYTES,
-                num_replicas=nats_config.replicas,
-            ),
-        }
-
     async def ensure_streams(self, routed_domains: int) -> None:
         """Create the event, dead-letter and advisory streams, or bring existing ones up to the config.
 
@@ -370,19 +313,14 @@ class JetStream:
             # nats-py parses the server's answer into plain strings, not the enum.
             existing = api.RetentionPolicy(info.config.retention)
             if existing != config.retention:
-                raise StreamSetupError(
-                    f"stream {config.name!r} has {existing.value} retention (made by an earlier "
-                    f"version) and JetStream cannot change it to {config.retention.value}: let it deliver "
-                    "what it holds, then delete it (embedded server: remove nats.data_dir) or set "
-                    "nats.stream_name to a new name"
-                )
+                raise retention_mismatch(config, existing)
             return await self._context.update_stream(config)
 
-        for key, config in self._stream_configs(limit).items():
+        for key, config in self.streams.configs(limit).items():
             try:
                 info = await aio_as_trio(ensure)(config)
             except nats.js.errors.APIError as error:
-                raise self._setup_error(key, config, error) from None
+                raise self.streams.setup_error(key, config, error) from None
             replicas = info.config.num_replicas or 1
             if replicas < self.config.replicas:
                 raise StreamSetupError(
@@ -390,18 +328,6 @@ class JetStream:
                     f"{self.config.replicas} configured; the cluster did not apply them"
                 )
         self.consumer_limit = limit
-
-    def _setup_error(self, key: str, config: api.StreamConfig, error: nats.js.errors.APIError) -> StreamSetupError:
-        if error.err_code == _ERR_INSUFFICIENT_STORAGE:
-            return StreamSetupError(
-                f"{key}: JetStream has too little storage for stream {config.name!r} "
-                f"({int(config.max_bytes or 0):,} bytes, reserved up front): lower {key.split()[0]} or free disk"
-            )
-        if error.err_code == _ERR_REPLICAS_NOT_SUPPORTED:
-            return StreamSetupError(
-                f"nats.replicas: {self.config.replicas} replicas need a NATS cluster; this server runs alone"
-            )
-        return StreamSetupError(f"stream {config.name!r}: JetStream refused it: {error.description}")
 
     async def _consumer_limit(self, routed_domains: int) -> int:
         """The event stream's consumer limit for ``routed_domains``, within the NATS account's own limit.
@@ -433,7 +359,7 @@ class JetStream:
         limit = await self._consumer_limit(routed_domains)
         if limit <= self.consumer_limit:
             return  # only ever raised: consumers of removed routes may remain on the server
-        config = self._stream_configs(limit)["nats.max_bytes"]
+        config = self.streams.configs(limit)["nats.max_bytes"]
         try:
             await aio_as_trio(self._context.update_stream)(config)
         except nats.js.errors.APIError as error:
@@ -547,16 +473,6 @@ class JetStream:
         else:
             reply.set_exception(NatsUnavailable(f"JetStream refused the event: {error.get('description')}"))
 
-    @property
-    def dead_letter_stream(self) -> str:
-        return f"{self.config.stream_name}-dead-letters"
-
-    def dead_letter_subject(self, domain: str = "*", event_id: str | None = None) -> str:
-        """``dead-letters.<stream>.<domain token>.<event_id token>`` (wildcards where not given)."""
-        domain_part = domain if domain == "*" else domain_token(domain)
-        event_part = "*" if event_id is None else domain_token(event_id)
-        return f"dead-letters.{self.config.stream_name}.{domain_part}.{event_part}"
-
     async def newest_messages(
         self, limit: int, subject: str | None = None, *, dead_letters: bool = False
     ) -> tuple[list[StoredMessage], int]:
@@ -569,8 +485,8 @@ class JetStream:
         lookups, so a sparse subject costs about as many requests as it has
         messages to show. One bridge crossing.
         """
-        name = self.dead_letter_stream if dead_letters else self.config.stream_name
-        every = self.dead_letter_subject() if dead_letters else self.config.subject_pattern
+        name = self.streams.dead_letters if dead_letters else self.config.stream_name
+        every = self.streams.dead_letter_subject() if dead_letters else self.config.subject_pattern
         wanted_subject = subject or every
 
         async def read() -> tuple[list[StoredMessage], int]:
@@ -625,7 +541,7 @@ class JetStream:
                 except nats.js.errors.NotFoundError:
                     continue  # delivered or expired meanwhile
                 oldest[domain] = raw.time
-            dead_letters = (await self._context.stream_info(self.dead_letter_stream)).state.messages
+            dead_letters = (await self._context.stream_info(self.streams.dead_letters)).state.messages
             return StreamBacklog(
                 info.state.messages, info.state.bytes, int(self.config.max_bytes), by_domain, oldest, dead_letters
             )
@@ -644,7 +560,7 @@ class JetStream:
 
         async def publish() -> None:
             await self._context.publish(
-                self.dead_letter_subject(domain, event_id),
+                self.streams.dead_letter_subject(domain, event_id),
                 envelope,
                 headers={"Nats-Msg-Id": f"dead:{self.config.stream_name}:{stream_sequence}"},
             )
@@ -656,7 +572,7 @@ class JetStream:
 
     async def find_dead_letter(self, letter_id: int) -> StoredMessage | None:
         """The dead letter ``letter_id`` (its sequence in the dead-letter stream), if there is one."""
-        return await self._stored(self.dead_letter_stream, letter_id)
+        return await self._stored(self.streams.dead_letters, letter_id)
 
     async def stored_event(self, sequence: int) -> StoredMessage | None:
         """The event stored at ``sequence`` in the event stream, if it is still there."""
@@ -676,7 +592,7 @@ class JetStream:
             raise NatsUnavailable(f"cannot read stream {stream}: {error or type(error).__name__}") from error
 
     async def delete_dead_letter(self, sequence: int) -> None:
-        await self._delete(self.dead_letter_stream, sequence)
+        await self._delete(self.streams.dead_letters, sequence)
 
     async def delete_event(self, sequence: int) -> None:
         """Remove an event from the work queue (it became a dead letter)."""
@@ -731,7 +647,7 @@ class JetStream:
             max_ack_pending=1000,
             num_replicas=self.config.replicas,
         )
-        return await self._open(self.advisory_stream, config)
+        return await self._open(self.streams.given_up, config)
 
     async def _open(self, stream: str, config: api.ConsumerConfig) -> PullConsumer:
         name = config.durable_name

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from pipeline.config import load_config
-from pipeline.nats_bridge import StreamSetupError
+from pipeline.streams import StreamSetupError
 from tests.conftest import StartBackend
 from tests.harness import (
     HANG,

@@ -163,7 +163,7 @@ def register_api(
     @app.get("/api/dead-letters")
     async def dead_letters() -> tuple[dict[str, Any], int]:
         limit, domain, event_id = _limit(100), _domain(), request.args.get("event_id") or None
-        subject = jetstream.dead_letter_subject(domain or "*", event_id) if domain or event_id else None
+        subject = jetstream.streams.dead_letter_subject(domain or "*", event_id) if domain or event_id else None
         try:
             messages, total = await jetstream.newest_messages(limit, subject, dead_letters=True)
         except NatsUnavailable as error:
@@ -198,7 +198,7 @@ def register_api(
             fields=describe(event) | {"domain": envelope["domain"]},
             event=event,
             # One id per dead letter: the replay is not deduplicated away, a retried replay is.
-            message_id=f"replay:{jetstream.dead_letter_stream}:{letter.sequence}",
+            message_id=f"replay:{jetstream.streams.dead_letters}:{letter.sequence}",
         )
         [outcome] = await jetstream.publish_batch([replayed])
         if isinstance(outcome, Exception):
