@@ -50,10 +50,18 @@ ADVISORY_STREAM_BYTES = 64 * 1024**2
 ADVISORY_ACK_WAIT_SECONDS = 30.0
 # Unrouted domains whose oldest waiting event is looked up (one request each), largest backlog first.
 MAX_UNROUTED_LOOKUPS = 50
+# A NATS cluster answers JetStream requests only once its nodes have elected a
+# meta leader (under a second for a new cluster, seconds after a restart of the
+# whole cluster): until then a start sets up its streams again and again, this long.
+JETSTREAM_READY_TIMEOUT_SECONDS = 30.0
 # JetStream's errors worth naming to operators.
 _ERR_STREAM_LIMIT = 10077  # "maximum messages per subject exceeded", "maximum bytes exceeded", ...
 _ERR_INSUFFICIENT_STORAGE = 10047
 _ERR_REPLICAS_NOT_SUPPORTED = 10074
+# A cluster still forming: no meta leader (silence for its first 10 s, then this),
+# or a leader that does not yet see enough servers (also what too many replicas get).
+_ERR_CLUSTER_NOT_AVAILABLE = 10008  # "JetStream system temporarily unavailable"
+_ERR_NO_SUITABLE_PEERS = 10005  # "no suitable peers for placement"
 
 
 def consumer_limit(routed_domains: int) -> int:
@@ -79,6 +87,17 @@ class StreamRefused(Exception):
 
 class StreamSetupError(ConfigError):
     """The streams cannot be set up as configured; ``str()`` is one line naming what to change."""
+
+
+class _JetStreamNotReady(NatsUnavailable):
+    """JetStream cannot set up streams yet (a cluster electing its meta leader, meeting its peers).
+
+    ``setup_error`` is what to report if it stays so because of the config (more replicas than servers).
+    """
+
+    def __init__(self, message: str, setup_error: StreamSetupError | None = None) -> None:
+        super().__init__(message)
+        self.setup_error = setup_error
 
 
 class EventTooLarge(Exception):
@@ -358,8 +377,28 @@ class JetStream:
 
         Raises ``StreamSetupError`` (one line naming what to change) when the
         server cannot hold them as configured or the event stream was made with
-        another retention.
+        another retention. While JetStream is not ready (a cluster without a
+        meta leader yet) it tries again every second, with a log line, for up
+        to ``JETSTREAM_READY_TIMEOUT_SECONDS``.
         """
+        waiting: _JetStreamNotReady | None = None
+        with trio.move_on_after(JETSTREAM_READY_TIMEOUT_SECONDS):
+            while True:
+                try:
+                    await self._ensure_streams_once(routed_domains)
+                    return
+                except _JetStreamNotReady as error:
+                    waiting = error
+                    log.warning("JetStream not ready (a cluster without a leader yet?); retrying", error=str(error))
+                await trio.sleep(RECONNECT_WAIT_SECONDS)
+        if waiting is not None and waiting.setup_error is not None:
+            raise waiting.setup_error
+        raise NatsUnavailable(
+            f"JetStream not ready within {JETSTREAM_READY_TIMEOUT_SECONDS:g} s (a NATS cluster without "
+            f"a meta leader?): {waiting or 'no answer'}"
+        )
+
+    async def _ensure_streams_once(self, routed_domains: int) -> None:
         limit = await self._consumer_limit(routed_domains)
 
         async def ensure(config: api.StreamConfig) -> api.StreamInfo:
@@ -382,7 +421,14 @@ class JetStream:
             try:
                 info = await aio_as_trio(ensure)(config)
             except nats.js.errors.APIError as error:
-                raise self._setup_error(key, config, error) from None
+                setup_error = self._setup_error(key, config, error)
+                if error.err_code == _ERR_CLUSTER_NOT_AVAILABLE:
+                    raise _JetStreamNotReady(f"stream {config.name!r}: {error.description}") from None
+                if error.err_code == _ERR_NO_SUITABLE_PEERS:
+                    raise _JetStreamNotReady(f"stream {config.name!r}: {error.description}", setup_error) from None
+                raise setup_error from None
+            except TimeoutError as error:  # nats-py's own subclass too
+                raise _JetStreamNotReady(f"stream {config.name!r}: no answer from JetStream") from error
             replicas = info.config.num_replicas or 1
             if replicas < self.config.replicas:
                 raise StreamSetupError(
@@ -401,6 +447,11 @@ class JetStream:
             return StreamSetupError(
                 f"nats.replicas: {self.config.replicas} replicas need a NATS cluster; this server runs alone"
             )
+        if error.err_code == _ERR_NO_SUITABLE_PEERS:
+            return StreamSetupError(
+                f"nats.replicas: the NATS cluster has no {self.config.replicas} servers to hold stream "
+                f"{config.name!r} ({error.description}): lower nats.replicas or add servers"
+            )
         return StreamSetupError(f"stream {config.name!r}: JetStream refused it: {error.description}")
 
     async def _consumer_limit(self, routed_domains: int) -> int:
@@ -411,7 +462,11 @@ class JetStream:
         try:
             account = await aio_as_trio(self._context.account_info)()
         except _NATS_ERRORS as error:
-            raise NatsUnavailable(f"cannot read the account's limits: {error or type(error).__name__}") from error
+            message = f"cannot read the account's limits: {error or type(error).__name__}"
+            cluster_forming = isinstance(error, TimeoutError) or (
+                isinstance(error, nats.js.errors.APIError) and error.err_code == _ERR_CLUSTER_NOT_AVAILABLE
+            )
+            raise (_JetStreamNotReady if cluster_forming else NatsUnavailable)(message) from error
         limit = consumer_limit(routed_domains)
         allowed = account.limits.max_consumers
         if allowed is not None and allowed >= 0:

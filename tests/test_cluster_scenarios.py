@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
+from structlog.testing import capture_logs
 
+from pipeline import nats_bridge
 from pipeline.events import consumer_name
+from pipeline.nats_bridge import StreamSetupError
 from tests.conftest import StartBackend
 from tests.harness import ClusterNode, NatsCluster, call_event, make_config, running_service
 
@@ -47,6 +52,15 @@ async def _wait_assets(cluster: NatsCluster, node: ClusterNode) -> dict[str, dic
         await trio.sleep(0.05)
 
 
+async def _wait_client_request(cluster: NatsCluster, node: ClusterNode) -> None:
+    """Until the service, connected to ``node``, has made a request (nats-py subscribes to replies first)."""
+    while True:
+        report = await cluster.monitor(node, "connz", subs="true")
+        if any(c.get("name") == "telephony-forwarder" and c.get("subscriptions_list") for c in report["connections"]):
+            return
+        await trio.sleep(0.05)
+
+
 async def test_every_stream_and_consumer_has_three_replicas_and_events_flow(
     nats_cluster: NatsCluster, start_backend: StartBackend
 ):
@@ -71,6 +85,60 @@ async def test_every_stream_and_consumer_has_three_replicas_and_events_flow(
     for name in (DOMAIN_CONSUMER, "dead-letter-writer"):
         assert consumers[name]["config"]["num_replicas"] == 3, name
         assert _peers(reporter, consumers[name]) == every_node, name
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+async def test_more_replicas_than_servers_stop_the_start_with_one_line(
+    nats_cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch
+):
+    # A cluster still meeting its peers answers as a too small one does ("no
+    # suitable peers"): the start waits it out, then names the setting (exit 2).
+    monkeypatch.setattr(nats_bridge, "JETSTREAM_READY_TIMEOUT_SECONDS", 2.0)
+    config = make_config(nats_cluster.urls, {}, nats={"replicas": 5})
+    with trio.fail_after(30), capture_logs() as logs:
+        await nats_cluster.wait_meta_leader()
+        with pytest.raises(BaseExceptionGroup) as raised:
+            async with running_service(config):
+                pass
+    [error] = _leaves(raised.value)
+    assert isinstance(error, StreamSetupError)
+    line = str(error)
+    assert line.startswith("nats.replicas: the NATS cluster has no 5 servers to hold stream 'test-signals' (")
+    assert line.endswith("): lower nats.replicas or add servers") and "\n" not in line
+    assert any(entry["event"].startswith("JetStream not ready") for entry in logs)
+
+
+async def test_a_start_before_the_cluster_has_a_leader_waits_for_it(
+    start_backend: StartBackend, nursery: trio.Nursery, tmp_path: Path
+):
+    # One node of three cannot elect a meta leader: JetStream stays silent
+    # until the others come, and the service's start waits instead of failing.
+    cluster = NatsCluster(tmp_path / "nats-cluster")
+    first, *others = cluster.nodes
+    await nursery.start(cluster.run_node, first)
+    backend = await start_backend()
+    # Each unanswered JetStream request costs the service publish_timeout_seconds.
+    config = make_config(cluster.urls, {"ok.vn": [backend.url]}, nats={"replicas": 3, "publish_timeout_seconds": 1})
+
+    async def start_the_others_once_the_service_asks() -> None:
+        await _wait_client_request(cluster, first)
+        for node in others:
+            await nursery.start(cluster.run_node, node)
+
+    with trio.fail_after(30), capture_logs() as logs:
+        nursery.start_soon(start_the_others_once_the_service_asks)
+        async with running_service(config) as service:
+            accepted = await service.post_event(call_event("ok.vn", "late-cluster", event_id="late-1"))
+            await backend.wait_count(1)
+    assert accepted.status_code == 202
+    assert [body["event_id"] for body in backend.bodies()] == ["late-1"]
+    waits = [entry for entry in logs if entry["event"].startswith("JetStream not ready")]
+    assert waits and all(entry["log_level"] == "warning" for entry in waits)
 
 
 async def test_losing_the_event_streams_leader_the_service_still_accepts_and_delivers(
