@@ -31,6 +31,7 @@ from trio_util import AsyncBool
 from pipeline.config import NatsConfig
 from pipeline.events import AcceptedEvent, consumer_name, domain_subject, event_key, subject_domain
 from pipeline.streams import (
+    ERR_NO_SUITABLE_PEERS,
     MIN_CONSUMER_LIMIT,
     Streams,
     StreamSetupError,
@@ -54,10 +55,28 @@ MAX_UNROUTED_LOOKUPS = 50
 # JetStream's refusal of a publish because a limit is reached: "maximum
 # messages per subject exceeded", "maximum bytes exceeded", ...
 _ERR_STREAM_LIMIT = 10077
+# A NATS cluster answers JetStream requests only once its nodes have elected a
+# meta leader (under a second for a new cluster, seconds after a restart of the
+# whole cluster): until then a start sets up its streams again and again, this long.
+JETSTREAM_READY_TIMEOUT_SECONDS = 30.0
+# A cluster still forming: no meta leader (silence for its first 10 s, then this),
+# or a leader that does not yet see enough servers (also what too many replicas get).
+_ERR_CLUSTER_NOT_AVAILABLE = 10008  # "JetStream system temporarily unavailable"
 
 
 class NatsUnavailable(Exception):
     """NATS cannot serve the request now (disconnected, reconnected, consumer lost)."""
+
+
+class _JetStreamNotReady(NatsUnavailable):
+    """JetStream cannot set up streams yet (a cluster electing its meta leader, meeting its peers).
+
+    ``setup_error`` is what to report if it stays so because of the config (more replicas than servers).
+    """
+
+    def __init__(self, message: str, setup_error: StreamSetupError | None = None) -> None:
+        super().__init__(message)
+        self.setup_error = setup_error
 
 
 class StreamRefused(Exception):
@@ -301,8 +320,28 @@ class JetStream:
 
         Raises ``StreamSetupError`` (one line naming what to change) when the
         server cannot hold them as configured or the event stream was made with
-        another retention.
+        another retention. While JetStream is not ready (a cluster without a
+        meta leader yet) it tries again every second, with a log line, for up
+        to ``JETSTREAM_READY_TIMEOUT_SECONDS``.
         """
+        waiting: _JetStreamNotReady | None = None
+        with trio.move_on_after(JETSTREAM_READY_TIMEOUT_SECONDS):
+            while True:
+                try:
+                    await self._ensure_streams_once(routed_domains)
+                    return
+                except _JetStreamNotReady as error:
+                    waiting = error
+                    log.warning("JetStream not ready (a cluster without a leader yet?); retrying", error=str(error))
+                await trio.sleep(RECONNECT_WAIT_SECONDS)
+        if waiting is not None and waiting.setup_error is not None:
+            raise waiting.setup_error
+        raise NatsUnavailable(
+            f"JetStream not ready within {JETSTREAM_READY_TIMEOUT_SECONDS:g} s (a NATS cluster without "
+            f"a meta leader?): {waiting or 'no answer'}"
+        )
+
+    async def _ensure_streams_once(self, routed_domains: int) -> None:
         limit = await self._consumer_limit(routed_domains)
 
         async def ensure(config: api.StreamConfig) -> api.StreamInfo:
@@ -320,7 +359,14 @@ class JetStream:
             try:
                 info = await aio_as_trio(ensure)(config)
             except nats.js.errors.APIError as error:
-                raise self.streams.setup_error(key, config, error) from None
+                setup_error = self.streams.setup_error(key, config, error)
+                if error.err_code == _ERR_CLUSTER_NOT_AVAILABLE:
+                    raise _JetStreamNotReady(f"stream {config.name!r}: {error.description}") from None
+                if error.err_code == ERR_NO_SUITABLE_PEERS:
+                    raise _JetStreamNotReady(f"stream {config.name!r}: {error.description}", setup_error) from None
+                raise setup_error from None
+            except TimeoutError as error:  # nats-py's own subclass too
+                raise _JetStreamNotReady(f"stream {config.name!r}: no answer from JetStream") from error
             replicas = info.config.num_replicas or 1
             if replicas < self.config.replicas:
                 raise StreamSetupError(
@@ -337,7 +383,11 @@ class JetStream:
         try:
             account = await aio_as_trio(self._context.account_info)()
         except _NATS_ERRORS as error:
-            raise NatsUnavailable(f"cannot read the account's limits: {error or type(error).__name__}") from error
+            message = f"cannot read the account's limits: {error or type(error).__name__}"
+            cluster_forming = isinstance(error, TimeoutError) or (
+                isinstance(error, nats.js.errors.APIError) and error.err_code == _ERR_CLUSTER_NOT_AVAILABLE
+            )
+            raise (_JetStreamNotReady if cluster_forming else NatsUnavailable)(message) from error
         limit = consumer_limit(routed_domains)
         allowed = account.limits.max_consumers
         if allowed is not None and allowed >= 0:
@@ -654,7 +704,13 @@ class JetStream:
         assert name is not None
 
         async def create() -> JetStreamContext.PullSubscription:
-            await self._context.add_consumer(stream, config)
+            info = await self._context.add_consumer(stream, config)
+            replicas = info.config.num_replicas or self.config.replicas  # none given: the stream's, verified
+            if replicas < self.config.replicas:
+                raise StreamSetupError(
+                    f"nats.replicas: consumer {name!r} has {replicas} replicas, "
+                    f"{self.config.replicas} configured; the cluster did not apply them"
+                )
             return await self._context.pull_subscribe_bind(durable=name, stream=stream)
 
         if not self.connected.value:

@@ -21,6 +21,8 @@ ADVISORY_STREAM_BYTES = 64 * 1024**2
 # JetStream's refusals of a stream that the operator can act on.
 _ERR_INSUFFICIENT_STORAGE = 10047
 _ERR_REPLICAS_NOT_SUPPORTED = 10074
+# A cluster with fewer servers than the replicas asked for (or one still meeting its peers).
+ERR_NO_SUITABLE_PEERS = 10005  # "no suitable peers for placement"
 
 
 class StreamSetupError(ConfigError):
@@ -117,5 +119,10 @@ class Streams:
         if error.err_code == _ERR_REPLICAS_NOT_SUPPORTED:
             return StreamSetupError(
                 f"nats.replicas: {self._config.replicas} replicas need a NATS cluster; this server runs alone"
+            )
+        if error.err_code == ERR_NO_SUITABLE_PEERS:
+            return StreamSetupError(
+                f"nats.replicas: the NATS cluster has no {self._config.replicas} servers to hold stream "
+                f"{config.name!r} ({error.description}): lower nats.replicas or add servers"
             )
         return StreamSetupError(f"stream {config.name!r}: JetStream refused it: {error.description}")

@@ -13,7 +13,7 @@ import trio_asyncio
 from pipeline import supervisor
 from pipeline.config import NatsConfig
 from pipeline.nats_bridge import JetStream
-from tests.harness import Backend, NatsServer, serve_backend
+from tests.harness import Backend, NatsCluster, NatsServer, serve_backend
 
 
 @pytest.fixture
@@ -21,6 +21,14 @@ async def nats_server(nursery: trio.Nursery, tmp_path) -> NatsServer:
     server = NatsServer(tmp_path / "nats")
     await nursery.start(server.run)
     return server
+
+
+@pytest.fixture
+async def nats_cluster(nursery: trio.Nursery, tmp_path) -> NatsCluster:
+    """Three nats-server nodes in one JetStream cluster, every node ready (the meta leader may still be coming)."""
+    cluster = NatsCluster(tmp_path / "nats-cluster")
+    await nursery.start(cluster.run)
+    return cluster
 
 
 StartBackend = Callable[..., Awaitable[Backend]]

@@ -184,6 +184,109 @@ async def serve_limited_nats(
             await process.stop()
 
 
+@dataclass(frozen=True)
+class ClusterNode:
+    """One nats-server of a ``NatsCluster``: its name and its client, route and monitoring ports."""
+
+    name: str
+    port: int
+    cluster_port: int
+    monitor_port: int
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+
+class NatsCluster:
+    """``size`` nodes of the bundled nats-server in one JetStream cluster, all on 127.0.0.1.
+
+    Each node has its own ``server_name``, store and monitoring port and routes
+    to every other. ``run`` reports the comma-separated client URLs once every
+    node says it is ready; JetStream answers only once the nodes have elected a
+    meta leader (``wait_meta_leader``). A node can be started (``run_node``) and
+    stopped on its own.
+    """
+
+    def __init__(self, work: Path, size: int = 3) -> None:
+        self.nodes = [ClusterNode(f"node-{n}", free_port(), free_port(), free_port()) for n in range(size)]
+        self._configs: dict[str, Path] = {}
+        self._scopes: dict[str, trio.CancelScope] = {}
+        work.mkdir(parents=True, exist_ok=True)
+        for node in self.nodes:
+            routes = ", ".join(f"nats-route://127.0.0.1:{o.cluster_port}" for o in self.nodes if o is not node)
+            self._configs[node.name] = conf = work / f"{node.name}.conf"
+            conf.write_text(
+                f"server_name: {node.name}\nhost: 127.0.0.1\nport: {node.port}\n"
+                f"http: 127.0.0.1:{node.monitor_port}\n"
+                f'jetstream {{ store_dir: "{work / node.name}" }}\n'
+                f"cluster {{ name: test-cluster, listen: 127.0.0.1:{node.cluster_port}, routes: [{routes}] }}\n"
+            )
+
+    @property
+    def urls(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def node(self, name: str) -> ClusterNode:
+        [found] = [node for node in self.nodes if node.name == name]
+        return found
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run every node until cancelled; reports the client URLs once all are ready."""
+        async with trio.open_nursery() as nursery:
+            for node in self.nodes:
+                await nursery.start(self.run_node, node)
+            task_status.started(self.urls)
+
+    async def run_node(
+        self, node: ClusterNode, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run one node until cancelled or ``stop``ped; started once it says it is ready."""
+        with trio.CancelScope() as self._scopes[node.name]:
+            process = _ServerProcess([str(server_binary()), "-c", str(self._configs[node.name])])
+            try:
+                lines = _read_lines(process.stderr)
+                last = b"no output"
+                async for line in lines:
+                    last = line
+                    if b"Server is ready" in line:
+                        break
+                else:
+                    raise RuntimeError(f"{node.name} did not start: {last.decode(errors='replace')}")
+                task_status.started()
+                async for _ in lines:  # keep its log pipe drained
+                    pass
+            finally:
+                with trio.CancelScope(shield=True):
+                    await process.stop()
+
+    def stop(self, node: ClusterNode) -> None:
+        """Stop ``node`` (SIGTERM, as an operator would); the others run on."""
+        self._scopes[node.name].cancel()
+
+    async def monitor(self, node: ClusterNode, endpoint: str, **params: str) -> dict[str, Any]:
+        """``node``'s monitoring ``endpoint`` (``jsz``, ``connz``, ...) with ``params``."""
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"http://127.0.0.1:{node.monitor_port}/{endpoint}", params=params)
+        response.raise_for_status()
+        return response.json()
+
+    async def jsz(self, node: ClusterNode) -> dict[str, Any]:
+        """``node``'s JetStream report, with every stream's and consumer's config and cluster."""
+        return await self.monitor(node, "jsz", streams="true", consumers="true", config="true")
+
+    async def wait_meta_leader(self) -> str:
+        """Poll every node until each names the same meta leader; returns its name.
+
+        The caller's ``fail_after`` bounds the wait (an election takes well under a second here).
+        """
+        while True:
+            leaders = {(await self.jsz(node)).get("meta_cluster", {}).get("leader") for node in self.nodes}
+            if len(leaders) == 1 and None not in leaders and "" not in leaders:
+                return leaders.pop()
+            await trio.sleep(0.05)
+
+
 def make_config(nats_url: str, routes: dict[str, list[Any]], **sections: dict[str, Any]) -> Config:
     """A service config for tests: port 0, short timeouts, so redeliveries take a second or two."""
     return Config.model_validate(config_dict(nats_url, routes, **sections))
