@@ -12,14 +12,12 @@ import trio
 
 from actors.stats import ForwardOutcome, rfc3339
 from pipeline.events import describe, subject_domain
-from pipeline.nats_bridge import Delivery, JetStream, NatsUnavailable, PullConsumer
+from pipeline.nats_bridge import Delivery, JetStream, PullConsumer, keep_consuming
 
 log = structlog.get_logger(component="dead-letters")
 
 # Advisories filed per fetch; each costs a few bridge crossings.
 MAX_BATCH = 64
-# Pause before re-opening the advisory consumer after an error.
-RETRY_DELAY_SECONDS = 1.0
 
 
 class DeadLetterWriter:
@@ -57,27 +55,13 @@ class DeadLetterWriter:
             nursery.cancel_scope.cancel()
 
     async def _file_forever(self) -> None:
-        consumer: PullConsumer | None = None
-        try:
-            while True:
-                try:
-                    if consumer is None:
-                        consumer = await self._jetstream.open_advisory_consumer()
-                    advisories = await consumer.fetch(MAX_BATCH)
-                    filed = [advisory for advisory in advisories if await self._file(advisory)]
-                    if filed:
-                        await self._jetstream.ack_batch(filed)
-                except NatsUnavailable as error:
-                    log.warning("Dead-letter writer interrupted; re-opening", error=str(error))
-                    if consumer is not None:
-                        await consumer.close()
-                        consumer = None
-                    await self._jetstream.connected.wait_value(True)
-                    await trio.sleep(RETRY_DELAY_SECONDS)
-        finally:
-            if consumer is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await consumer.close()
+        async def file_batch(consumer: PullConsumer) -> None:
+            advisories = await consumer.fetch(MAX_BATCH)
+            filed = [advisory for advisory in advisories if await self._file(advisory)]
+            if filed:
+                await self._jetstream.ack_batch(filed)
+
+        await keep_consuming(self._jetstream, self._jetstream.open_advisory_consumer, file_batch)
 
     async def _file(self, advisory: Delivery) -> bool:
         """File one advisory's event; True when the advisory is done with."""

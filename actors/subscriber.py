@@ -15,13 +15,10 @@ from trio_util import AsyncValue
 from actors.forwarder import Forwarder
 from actors.stats import ForwardOutcome
 from pipeline.config import Config
-from pipeline.nats_bridge import Delivery, JetStream, NatsUnavailable, PullConsumer
+from pipeline.nats_bridge import Delivery, JetStream, PullConsumer, keep_consuming
 from pipeline.routes import Routes
 
 log = structlog.get_logger(component="subscriber")
-
-# Pause before re-opening a consumer after an error, so a broken server is not hammered.
-RETRY_DELAY_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,39 +124,27 @@ class Subscriber:
         self, domain: str, forwarder: trio.MemorySendChannel[Delivery], room: trio.Semaphore
     ) -> None:
         max_in_flight = self._config.forwarding.max_in_flight_per_domain
-        consumer: PullConsumer | None = None
-        try:
-            while True:
+
+        async def fetch_into_room(consumer: PullConsumer) -> None:
+            await room.acquire()
+            wanted = 1
+            while wanted < max_in_flight:
                 try:
-                    if consumer is None:
-                        consumer = await self._jetstream.open_consumer(domain, max_in_flight)
-                        log.info("Consuming domain", domain=domain, consumer=consumer.name)
-                    await room.acquire()
-                    wanted = 1
-                    while wanted < max_in_flight:
-                        try:
-                            room.acquire_nowait()
-                        except trio.WouldBlock:
-                            break
-                        wanted += 1
-                    deliveries: list[Delivery] = []
-                    try:
-                        deliveries = await consumer.fetch(wanted)
-                    finally:
-                        for _ in range(wanted - len(deliveries)):
-                            room.release()
-                    for delivery in deliveries:
-                        # The channel holds max_in_flight and the room semaphore
-                        # admits no more, so this never blocks.
-                        forwarder.send_nowait(delivery)
-                except NatsUnavailable as error:
-                    log.warning("Consumer interrupted; re-opening", domain=domain, error=str(error))
-                    if consumer is not None:
-                        await consumer.close()
-                        consumer = None
-                    await self._jetstream.connected.wait_value(True)
-                    await trio.sleep(RETRY_DELAY_SECONDS)
-        finally:
-            if consumer is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await consumer.close()
+                    room.acquire_nowait()
+                except trio.WouldBlock:
+                    break
+                wanted += 1
+            deliveries: list[Delivery] = []
+            try:
+                deliveries = await consumer.fetch(wanted)
+            finally:
+                for _ in range(wanted - len(deliveries)):
+                    room.release()
+            for delivery in deliveries:
+                # The channel holds max_in_flight and the room semaphore
+                # admits no more, so this never blocks.
+                forwarder.send_nowait(delivery)
+
+        await keep_consuming(
+            self._jetstream, partial(self._jetstream.open_consumer, domain, max_in_flight), fetch_into_room
+        )

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import nats
 import nats.errors
@@ -47,6 +47,8 @@ IDLE_FETCH_SECONDS = 5.0
 BATCH_WINDOW_SECONDS = 0.005
 DRAIN_TIMEOUT_SECONDS = 5.0
 RECONNECT_WAIT_SECONDS = 1.0
+# Pause before re-opening a consumer after an error, so a broken server is not hammered.
+RECONSUME_DELAY_SECONDS = 1.0
 # A dead-letter writer that took an advisory has this long to file it before
 # another instance gets it.
 ADVISORY_ACK_WAIT_SECONDS = 30.0
@@ -725,6 +727,38 @@ class JetStream:
 def _header_block_size(headers: dict[str, str]) -> int:
     """Bytes of the header block nats-py sends (HPUB): ``NATS/1.0``, one line per header, a blank line."""
     return len(b"NATS/1.0\r\n\r\n") + sum(len(f"{name}: {value}\r\n".encode()) for name, value in headers.items())
+
+
+async def keep_consuming(
+    jetstream: JetStream,
+    open_consumer: Callable[[], Awaitable[PullConsumer]],
+    serve: Callable[[PullConsumer], Awaitable[None]],
+) -> NoReturn:
+    """Keep a consumer open and call ``serve(consumer)`` again and again, until cancelled.
+
+    Whenever NATS interrupts (``NatsUnavailable``: disconnected, reconnected,
+    the consumer gone), the consumer is closed, and opened anew once NATS is
+    back, so a pull subscription never stays dead (nats.py #504).
+    """
+    consumer: PullConsumer | None = None
+    try:
+        while True:
+            try:
+                if consumer is None:
+                    consumer = await open_consumer()
+                    log.info("Consuming", consumer=consumer.name)
+                await serve(consumer)
+            except NatsUnavailable as error:
+                log.warning("Consumer interrupted; re-opening", error=str(error))
+                if consumer is not None:
+                    await consumer.close()
+                    consumer = None
+                await jetstream.connected.wait_value(True)
+                await trio.sleep(RECONSUME_DELAY_SECONDS)
+    finally:
+        if consumer is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await consumer.close()
 
 
 def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

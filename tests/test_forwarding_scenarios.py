@@ -9,7 +9,17 @@ from structlog.testing import capture_logs
 
 from pipeline.events import consumer_name, domain_subject
 from tests.conftest import OpenedJetStream, StartBackend
-from tests.harness import HANG, NatsServer, call_event, free_port, make_config, running_service, wait_for_api
+from tests.harness import (
+    HANG,
+    Backend,
+    NatsServer,
+    call_event,
+    free_port,
+    make_config,
+    running_service,
+    serve_backend,
+    wait_for_api,
+)
 
 SCENARIO_TIMEOUT = 30
 
@@ -144,14 +154,21 @@ async def test_endpoint_timeout_counts_as_failure(nats_server, start_backend: St
     assert failure["errors"][slow.url].startswith("timeout")
 
 
-async def test_hanging_domain_does_not_delay_another_domain(nats_server, start_backend: StartBackend):
-    hanging = await start_backend(lambda number, body: HANG)
+async def test_hanging_domain_does_not_delay_another_domain(
+    nats_server, start_backend: StartBackend, nursery: trio.Nursery
+):
+    # The hanging backend holds every request open until released, and the
+    # timeouts are far away, so the order of what happened is the assertion:
+    # all healthy deliveries complete while the hanging requests are still open.
+    release = trio.Event()
+    hanging = Backend(release=release)
+    await nursery.start(serve_backend, hanging)
     healthy = await start_backend()
     config = make_config(
         nats_server.url,
         {"hanging.example": [hanging.url], "healthy.example": [healthy.url]},
-        forwarding={"timeout_seconds": 3.0, "max_in_flight_per_domain": 8},
-        nats={"ack_wait_seconds": 5.0},
+        forwarding={"timeout_seconds": 60.0, "max_in_flight_per_domain": 8},
+        nats={"ack_wait_seconds": 61.0},
     )
     with trio.fail_after(SCENARIO_TIMEOUT):
         async with running_service(config) as service:
@@ -161,13 +178,16 @@ async def test_hanging_domain_does_not_delay_another_domain(nats_server, start_b
             await hanging.wait_count(8)
             for n in range(40):
                 await service.post_event(call_event("healthy.example", f"fine-{n}"))
-            await healthy.wait_count(40)
-            # Every healthy event arrived while the hanging domain's first requests
-            # were still open (none has even timed out yet), and it took no more
-            # than its in-flight limit.
-            assert hanging.count.value == 8
-            assert hanging.completed.value == 0
+            await healthy.completed.wait_value(lambda done: done >= 40)
+            # Delivered while the hanging domain's first requests were open, and
+            # that domain took no more than its in-flight limit meanwhile.
+            open_hanging, answered_hanging = hanging.count.value, hanging.completed.value
+            release.set()
+            # The held requests were still open: they complete now, on their first attempt.
+            await hanging.completed.wait_value(lambda done: done >= 8)
+    assert (open_hanging, answered_hanging) == (8, 0)
     assert sorted(healthy.attempts_of(f"fine-{n}")[0] for n in range(40)) == [1] * 40
+    assert [body["delivery_attempt"] for body in hanging.bodies()[:8]] == [1] * 8
 
 
 async def _wait_settled(nats_server: NatsServer, stream: str, domain: str) -> None:

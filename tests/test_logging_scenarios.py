@@ -97,10 +97,8 @@ async def test_forwarded_events_land_in_their_domains_files_and_come_back(
         "dates": [today],
     }
     assert page["stats"] == {"total_successful": 12, "total_failed": 0, "retry_count": 0}
-    assert (
-        sorted(r["call_id"] for r in page["events_by_domain"]["vietanh.cloudgo.vn"])
-        == [f"vn-{n}" for n in sorted(range(12), key=str)]
-        or len(page["events_by_domain"]["vietanh.cloudgo.vn"]) == 12
+    assert sorted(r["call_id"] for r in page["events_by_domain"]["vietanh.cloudgo.vn"]) == sorted(
+        f"vn-{n}" for n in range(12)
     )
     assert len(limited["events_by_domain"]["vietanh.cloudgo.vn"]) == 5 and limited["total"] == 12
     failures = dead_page["failed_events_by_domain"]["dead.vn"]
