@@ -110,9 +110,11 @@ async def test_admin_surface_on_its_own_address(nats_server):
             admin = f"http://127.0.0.1:{admin_port}"
             assert (await service.client.get(f"{public}/api/stats")).status_code == 404
             assert (await service.client.get(f"{public}/")).status_code == 404
+            assert (await service.client.get(f"{public}/static/dashboard.js")).status_code == 404
             assert (await service.post_event(call_event("ok.vn", "c"))).status_code == 202
             assert (await service.client.get(f"{admin}/api/stats")).status_code == 200
             assert (await service.client.get(f"{admin}/")).status_code == 200
+            assert (await service.client.get(f"{admin}/static/dashboard.js")).status_code == 200
             # The public ingress is not served on the admin address.
             assert (await service.client.post(f"{admin}/events", json=call_event("ok.vn", "c"))).status_code == 404
             assert (await service.client.get(f"{admin}/health")).status_code == 200

@@ -53,10 +53,11 @@ def create_app(
     """Build the ASGI app around the running pipeline's pieces (no module-level state).
 
     ``surface``: ``public`` serves only POST /events, /health and
-    /openapi.json; ``admin`` those two and the dashboard and /api/*, behind
-    the admin credential; ``all`` everything (one listen address).
+    /openapi.json; ``admin`` those two and the dashboard, its /static/* files
+    and /api/*, behind the admin credential; ``all`` everything (one listen address).
     """
-    app = QuartTrio(__name__)
+    # The dashboard's files belong to the admin surface: the public listener has none.
+    app = QuartTrio(__name__, static_folder=None if surface == "public" else "static")
     app.config["MAX_CONTENT_LENGTH"] = int(config.server.max_body_size)
     app.config["BODY_TIMEOUT"] = SLOW_CLIENT_TIMEOUT_SECONDS  # a body trickling in slower than this gets 408
     # Time a publish may take before the client is told it failed: the publish
