@@ -29,6 +29,9 @@ from web.server import SLOW_CLIENT_TIMEOUT_SECONDS
 Surface = Literal["all", "public", "admin"]
 # Reachable without the admin credential (POST /events has its own rules: web/ingress.py).
 _OPEN_PATHS = frozenset({"/health", "/openapi.json"})
+# What public /health says of failing domain logs; the error itself (which may
+# name a domain's file) goes to stderr and the dashboard.
+_LOGS_FAILING = "writes to the log directory fail (the service's stderr and the dashboard say why)"
 
 
 def _error(status: int, message: str, **extra: Any) -> tuple[dict[str, Any], int]:
@@ -64,7 +67,9 @@ def create_app(
     # timeout, plus room for the batch it waits behind.
     answer_deadline = config.nats.publish_timeout_seconds + 2.0
 
-    def health_report() -> tuple[dict[str, Any], int]:
+    def health_report(*, detailed: bool = False) -> tuple[dict[str, Any], int]:
+        """ok, degraded or unavailable, and why. /health is public: only ``detailed``
+        (the dashboard's copy) names the failing log file, which names a tenant."""
         if not jetstream.connected.value:
             return {"status": "unavailable", "nats": "disconnected", "reason": "not connected to NATS"}, 503
         near_full = backlog.near_full()
@@ -73,7 +78,8 @@ def create_app(
         failing = log_writer.health().failing if log_writer is not None else None
         if failing is not None:
             # Forwarding goes on; only the domain log files are not being written.
-            return {"status": "degraded", "nats": "connected", "reason": f"domain logs not written: {failing}"}, 200
+            reason = f"domain logs not written: {failing if detailed else _LOGS_FAILING}"
+            return {"status": "degraded", "nats": "connected", "reason": reason}, 200
         return {"status": "ok", "nats": "connected"}, 200
 
     @app.get("/health")
@@ -117,7 +123,9 @@ def create_app(
     register_dashboard(
         app,
         stats=stats,
-        snapshot=lambda: service_statistics(stats, subscriber, backlog, log_writer) | {"health": health_report()[0]},
+        snapshot=lambda: (
+            service_statistics(stats, subscriber, backlog, log_writer) | {"health": health_report(detailed=True)[0]}
+        ),
         stopping=stopping,
     )
 
