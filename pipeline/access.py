@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -69,6 +70,22 @@ def admin_allows(authorization: str | None, password_sha256: str) -> bool:
         except (binascii.Error, UnicodeDecodeError):
             return False
     return presented is not None and hmac.compare_digest(sha256_hex(presented), password_sha256)
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a client address (the ASGI scope's ``client`` host) is this machine's loopback.
+
+    127.0.0.0/8, ``::1`` and IPv4-mapped ``::ffff:127.x.y.z``; no address (a
+    Unix socket, say) is not loopback. Forwarded-for headers are not consulted:
+    anyone can send them.
+    """
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 class DomainRateLimiter:

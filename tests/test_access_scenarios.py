@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import httpx
 import trio
@@ -101,7 +102,49 @@ async def test_every_admin_route_needs_the_credential(nats_server):
             assert (await service.post_event(call_event("open.vn", "c"))).status_code == 202
 
 
-async def test_admin_surface_on_its_own_address(nats_server):
+def _client_at(app: Any, host: str, **headers: str) -> httpx.AsyncClient:
+    """A client that reaches ``app`` in-process as if from ``host`` (the ASGI scope's client address)."""
+    transport = httpx.ASGITransport(app=app, client=(host, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://forwarder.example:8080", headers=headers)
+
+
+async def test_without_a_password_only_loopback_clients_reach_the_admin_surface(nats_server, served_apps):
+    config = make_config(nats_server.url, {})
+    with trio.fail_after(30):
+        async with running_service(config) as service:
+            [app] = served_apps
+            # A forwarded-for header is anyone's to send: it does not make a client local.
+            async with _client_at(app, "203.0.113.7", **{"X-Forwarded-For": "127.0.0.1"}) as stranger:
+                for method, path in ADMIN_ROUTES:
+                    refused = await stranger.request(method, path)
+                    assert refused.status_code == 403, path
+                    assert refused.headers["content-type"] == "application/json", path
+                    assert "admin.password_sha256" in refused.json()["error"], path
+                # The ingress and the health check stay public; health names no tenant.
+                assert (await stranger.post("/events", json=call_event("open.vn", "c"))).status_code == 202
+                health = await stranger.get("/health")
+                assert health.status_code == 200 and health.json() == {"status": "ok", "nats": "connected"}
+                assert (await stranger.get("/openapi.json")).status_code == 200
+            for local in ("127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1"):
+                async with _client_at(app, local) as client:
+                    assert (await client.get("/api/stats")).status_code == 200, local
+                    assert (await client.get("/")).status_code == 200, local
+            # And over real HTTP on 127.0.0.1.
+            assert (await service.client.get(f"{service.url}/api/stats")).status_code == 200
+
+
+async def test_a_password_lets_other_clients_in(nats_server, served_apps):
+    config = make_config(nats_server.url, {}, admin={"password_sha256": sha256_hex(ADMIN_PASSWORD)})
+    with trio.fail_after(30):
+        async with running_service(config):
+            [app] = served_apps
+            async with _client_at(app, "203.0.113.7") as stranger:
+                assert (await stranger.get("/api/stats")).status_code == 401
+                signed_in = await stranger.get("/api/stats", headers={"Authorization": f"Bearer {ADMIN_PASSWORD}"})
+                assert signed_in.status_code == 200
+
+
+async def test_admin_surface_on_its_own_address(nats_server, served_apps):
     admin_port = free_port()
     config = make_config(nats_server.url, {}, admin={"listen": f"127.0.0.1:{admin_port}"})
     with trio.fail_after(30):
@@ -118,6 +161,13 @@ async def test_admin_surface_on_its_own_address(nats_server):
             # The public ingress is not served on the admin address.
             assert (await service.client.post(f"{admin}/events", json=call_event("ok.vn", "c"))).status_code == 404
             assert (await service.client.get(f"{admin}/health")).status_code == 200
+            # Without a password the admin address, too, answers loopback clients only.
+            public_app, admin_app = served_apps
+            async with _client_at(admin_app, "203.0.113.7") as stranger:
+                assert (await stranger.get("/api/stats")).status_code == 403
+                assert (await stranger.get("/static/dashboard.js")).status_code == 403
+            async with _client_at(public_app, "203.0.113.7") as stranger:
+                assert (await stranger.post("/events", json=call_event("ok.vn", "c"))).status_code == 202
 
 
 async def test_rate_limit_per_domain_answers_429_with_retry_after(nats_server):

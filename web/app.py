@@ -17,7 +17,7 @@ from actors.ingress import PublishRequest
 from actors.log_writer import LogWriter
 from actors.stats import StatsCollector
 from actors.subscriber import Subscriber
-from pipeline.access import IngressAccess, admin_allows
+from pipeline.access import IngressAccess, admin_allows, is_loopback
 from pipeline.config import Config
 from pipeline.nats_bridge import JetStream
 from web.api import register_api, service_statistics
@@ -34,8 +34,20 @@ _OPEN_PATHS = frozenset({"/health", "/openapi.json"})
 _LOGS_FAILING = "writes to the log directory fail (the service's stderr and the dashboard say why)"
 
 
+# Without admin.password_sha256 the dashboard and /api/* answer loopback clients only; others are told this.
+_LOOPBACK_ONLY = (
+    "the dashboard and /api/* answer only this machine (loopback) while admin.password_sha256 is unset: "
+    'set it to the SHA-256 of a password (printf %s "$PASSWORD" | sha256sum) and restart, then sign in '
+    "with HTTP basic auth (any user name) or Authorization: Bearer <password>"
+)
+
+
 def _error(status: int, message: str, **extra: Any) -> tuple[dict[str, Any], int]:
     return {"status": "error", "error": message, **extra}, status
+
+
+def _json_response(status: int, message: str) -> Response:
+    return Response(json.dumps({"status": "error", "error": message}), status, content_type="application/json")
 
 
 def create_app(
@@ -57,7 +69,8 @@ def create_app(
 
     ``surface``: ``public`` serves only POST /events, /health and
     /openapi.json; ``admin`` those two and the dashboard, its /static/* files
-    and /api/*, behind the admin credential; ``all`` everything (one listen address).
+    and /api/*, behind the admin credential (without one: to loopback clients
+    only); ``all`` everything (one listen address).
     """
     # The dashboard's files belong to the admin surface: the public listener has none.
     app = QuartTrio(__name__, static_folder=None if surface == "public" else "static")
@@ -107,15 +120,16 @@ def create_app(
 
     @app.before_request
     async def admin_only() -> Response | None:
-        if password_sha256 is None or request.path in _OPEN_PATHS:
+        if request.path in _OPEN_PATHS:
             return None
+        if password_sha256 is None:
+            client = request.scope.get("client")
+            if is_loopback(client[0] if client else None):
+                return None
+            return _json_response(403, _LOOPBACK_ONLY)
         if admin_allows(request.headers.get("Authorization"), password_sha256):
             return None
-        response = Response(
-            json.dumps({"status": "error", "error": "admin credential required"}),
-            401,
-            content_type="application/json",
-        )
+        response = _json_response(401, "admin credential required")
         # Basic auth, so a browser asks for it when the dashboard opens.
         response.headers["WWW-Authenticate"] = 'Basic realm="telephony-forwarder", charset="UTF-8"'
         return response
