@@ -144,6 +144,63 @@ async def test_a_password_lets_other_clients_in(nats_server, served_apps):
                 assert signed_in.status_code == 200
 
 
+STATE_CHANGING_ROUTES = [
+    ("POST", "/api/config/reload"),
+    ("POST", "/api/dead-letters/999/replay"),
+    ("DELETE", "/api/dead-letters/999"),
+]
+
+
+async def test_state_changing_admin_routes_refuse_cross_site_requests(nats_server, tmp_path):
+    path = tmp_path / "config.yaml"
+    write_config(path, nats_server.url, {}, admin={"password_sha256": sha256_hex(ADMIN_PASSWORD)})
+    basic = "Basic " + base64.b64encode(f"operator:{ADMIN_PASSWORD}".encode()).decode()
+    with trio.fail_after(30):
+        async with running_service(load_config(path), config_path=path) as service:
+            # What a browser that holds the admin's basic auth sends when a page on another site asks.
+            async with httpx.AsyncClient(base_url=service.url, headers={"Authorization": basic}) as browser:
+                for method, route in STATE_CHANGING_ROUTES:
+                    form = await browser.request(
+                        method, route, content=b"a=1", headers={"Content-Type": "application/x-www-form-urlencoded"}
+                    )
+                    assert form.status_code == 403, route
+                    assert "X-Requested-With" in form.json()["error"], route
+                    bare = await browser.request(method, route, headers={"Origin": service.url})
+                    assert bare.status_code == 403, route
+                    forged = await browser.request(
+                        method, route, headers={"Origin": "https://evil.example", "Content-Type": "application/json"}
+                    )
+                    assert forged.status_code == 403, route
+                    assert forged.json()["error"] == (
+                        f"cross-site request refused: Origin https://evil.example is not this service's origin "
+                        f"({service.url})"
+                    ), route
+                    assert (await browser.request(method, route, headers={"Origin": "null"})).status_code == 403
+
+                # What the dashboard sends: its own origin and the custom header; scripts send either.
+                reload = await browser.post(
+                    "/api/config/reload", headers={"Origin": service.url, "X-Requested-With": "dashboard"}
+                )
+                assert reload.status_code == 200 and reload.json()["status"] == "success"
+                replay = await browser.post("/api/dead-letters/999/replay", json={})
+                assert replay.status_code == 404 and replay.json()["error"] == "no dead letter with id 999"
+                discard = await browser.delete("/api/dead-letters/999", headers={"X-Requested-With": "script"})
+                assert discard.status_code == 404
+                # Behind a TLS proxy the request's own origin is the one the proxy says the client used.
+                proxied = await browser.post(
+                    "/api/config/reload",
+                    headers={
+                        "Origin": "https://forwarder.example.com",
+                        "X-Requested-With": "dashboard",
+                        "X-Forwarded-Proto": "https",
+                        "X-Forwarded-Host": "forwarder.example.com",
+                    },
+                )
+                assert proxied.status_code == 200
+                # Reading is unchanged.
+                assert (await browser.get("/api/stats", headers={"Origin": "https://evil.example"})).status_code == 200
+
+
 async def test_admin_surface_on_its_own_address(nats_server, served_apps):
     admin_port = free_port()
     config = make_config(nats_server.url, {}, admin={"listen": f"127.0.0.1:{admin_port}"})

@@ -17,7 +17,7 @@ from actors.ingress import PublishRequest
 from actors.log_writer import LogWriter
 from actors.stats import StatsCollector
 from actors.subscriber import Subscriber
-from pipeline.access import IngressAccess, admin_allows, is_loopback
+from pipeline.access import IngressAccess, admin_allows, cross_site_refusal, is_loopback
 from pipeline.config import Config
 from pipeline.nats_bridge import JetStream
 from web.api import register_api, service_statistics
@@ -29,6 +29,8 @@ from web.server import SLOW_CLIENT_TIMEOUT_SECONDS
 Surface = Literal["all", "public", "admin"]
 # Reachable without the admin credential (POST /events has its own rules: web/ingress.py).
 _OPEN_PATHS = frozenset({"/health", "/openapi.json"})
+# Admin requests that change nothing; the others must prove they are not cross-site.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # What public /health says of failing domain logs; the error itself (which may
 # name a domain's file) goes to stderr and the dashboard.
 _LOGS_FAILING = "writes to the log directory fail (the service's stderr and the dashboard say why)"
@@ -44,6 +46,17 @@ _LOOPBACK_ONLY = (
 
 def _error(status: int, message: str, **extra: Any) -> tuple[dict[str, Any], int]:
     return {"status": "error", "error": message, **extra}, status
+
+
+def _own_origin() -> str:
+    """The origin the client addressed: behind a reverse proxy, the one its X-Forwarded-Proto/-Host name.
+
+    Trusting those is safe here: a page on another site cannot add them to a
+    request without a CORS preflight, which this service never grants.
+    """
+    scheme = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() or request.scheme
+    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.headers.get("Host", "")
+    return f"{scheme}://{host}"
 
 
 def _json_response(status: int, message: str) -> Response:
@@ -124,15 +137,24 @@ def create_app(
             return None
         if password_sha256 is None:
             client = request.scope.get("client")
-            if is_loopback(client[0] if client else None):
-                return None
-            return _json_response(403, _LOOPBACK_ONLY)
-        if admin_allows(request.headers.get("Authorization"), password_sha256):
+            if not is_loopback(client[0] if client else None):
+                return _json_response(403, _LOOPBACK_ONLY)
+        elif not admin_allows(request.headers.get("Authorization"), password_sha256):
+            response = _json_response(401, "admin credential required")
+            # Basic auth, so a browser asks for it when the dashboard opens.
+            response.headers["WWW-Authenticate"] = 'Basic realm="telephony-forwarder", charset="UTF-8"'
+            return response
+        if request.method in _SAFE_METHODS:
             return None
-        response = _json_response(401, "admin credential required")
-        # Basic auth, so a browser asks for it when the dashboard opens.
-        response.headers["WWW-Authenticate"] = 'Basic realm="telephony-forwarder", charset="UTF-8"'
-        return response
+        # Replay, discard, reload: a browser holding the admin's basic auth (or
+        # on this machine) must not do them for a page on another site.
+        refusal = cross_site_refusal(
+            origin=request.headers.get("Origin"),
+            content_type=request.headers.get("Content-Type"),
+            requested_with=request.headers.get("X-Requested-With"),
+            own_origin=_own_origin(),
+        )
+        return None if refusal is None else _json_response(403, refusal)
 
     register_dashboard(
         app,
