@@ -1,4 +1,4 @@
-"""Who may post events for which domain, who may see the dashboard and API, and how fast."""
+"""Who may post events for which domain, who may see the dashboard and API (and from where), and how fast."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 ANY_DOMAIN = "*"
 # Domains whose token buckets are remembered; the least recently used is forgotten
@@ -69,6 +71,58 @@ def admin_allows(authorization: str | None, password_sha256: str) -> bool:
         except (binascii.Error, UnicodeDecodeError):
             return False
     return presented is not None and hmac.compare_digest(sha256_hex(presented), password_sha256)
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a client address (the ASGI scope's ``client`` host) is this machine's loopback.
+
+    127.0.0.0/8, ``::1`` and IPv4-mapped ``::ffff:127.x.y.z``; no address (a
+    Unix socket, say) is not loopback. Forwarded-for headers are not consulted:
+    anyone can send them.
+    """
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin or URL, default ports filled in; None if it is not http(s)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)
+
+
+def cross_site_refusal(
+    *, origin: str | None, content_type: str | None, requested_with: str | None, own_origin: str
+) -> str | None:
+    """Why a state-changing admin request is refused as possibly cross-site, or None to let it through.
+
+    A page on another site can make a browser send a "simple" request (a form,
+    a plain fetch) with the admin's cached basic auth attached. It cannot send
+    a JSON content type or a custom header without a CORS preflight, which this
+    service never grants, and cannot forge ``Origin``. ``own_origin``: the
+    request's own scheme://host[:port], as its client addressed it.
+    """
+    if origin is not None:
+        claimed = _origin(origin)
+        if claimed is None or claimed != _origin(own_origin):
+            return f"cross-site request refused: Origin {origin} is not this service's origin ({own_origin})"
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if requested_with is None and media_type != "application/json" and not media_type.endswith("+json"):
+        return (
+            "request refused as possibly cross-site: send Content-Type: application/json "
+            "or an X-Requested-With header (any value) with POST and DELETE requests to /api/*"
+        )
+    return None
 
 
 class DomainRateLimiter:

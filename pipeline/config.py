@@ -132,7 +132,8 @@ class IngressConfig(_Section):
 
 class AdminConfig(_Section):
     # SHA-256 (hex) of the password for the dashboard and /api/* (basic auth with
-    # any user name, or "Authorization: Bearer <password>"). Unset: open, with a warning.
+    # any user name, or "Authorization: Bearer <password>"). Unset: loopback clients
+    # only (behind a local reverse proxy that is everyone), with a warning.
     password_sha256: str | None = Field(None, pattern=_SHA256)
     # Serve the dashboard and /api/* on this host:port only (e.g. 127.0.0.1:8081),
     # and only POST /events and /health on server.host:port.

@@ -175,6 +175,6 @@ def _warn_if_open(config: Config) -> None:
         )
     if config.admin.password_sha256 is None:
         log.warning(
-            "DASHBOARD AND API ARE OPEN: no admin.password_sha256 configured; "
-            "anyone who reaches them can read events and replay or discard dead letters"
+            "DASHBOARD AND API ANSWER LOOPBACK ONLY: no admin.password_sha256 configured; "
+            "other clients get 403, and behind a reverse proxy on this machine every client looks like loopback"
         )

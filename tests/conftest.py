@@ -72,3 +72,23 @@ def jetstreams(monkeypatch: pytest.MonkeyPatch) -> list[OpenedJetStream]:
 
     monkeypatch.setattr(supervisor, "open_jetstream", recording)
     return opened
+
+
+@pytest.fixture
+def served_apps(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every ASGI app the service under test serves, in the order built, for requests made in-process.
+
+    A request sent to one through ``httpx.ASGITransport(app, client=...)`` can
+    carry any client address, so scenarios can play a remote client without
+    traffic leaving 127.0.0.1.
+    """
+    built: list[Any] = []
+    create_app = supervisor.create_app
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        app = create_app(*args, **kwargs)
+        built.append(app)
+        return app
+
+    monkeypatch.setattr(supervisor, "create_app", recording)
+    return built

@@ -335,7 +335,9 @@ async def running_service(
         binds = await nursery.start(
             partial(run_service, config, stopping, domain_router=domain_router, config_path=config_path)
         )
-        async with httpx.AsyncClient(timeout=10) as client:
+        # As an operator's script: replay, discard and reload refuse requests that lack
+        # a JSON content type or this header (tests/test_access_scenarios.py).
+        async with httpx.AsyncClient(timeout=10, headers={"X-Requested-With": "tests"}) as client:
             yield RunningService(binds[0], client, stopping)
         stopping.set()
 

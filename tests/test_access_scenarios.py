@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import httpx
 import trio
@@ -101,7 +102,106 @@ async def test_every_admin_route_needs_the_credential(nats_server):
             assert (await service.post_event(call_event("open.vn", "c"))).status_code == 202
 
 
-async def test_admin_surface_on_its_own_address(nats_server):
+def _client_at(app: Any, host: str, **headers: str) -> httpx.AsyncClient:
+    """A client that reaches ``app`` in-process as if from ``host`` (the ASGI scope's client address)."""
+    transport = httpx.ASGITransport(app=app, client=(host, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://forwarder.example:8080", headers=headers)
+
+
+async def test_without_a_password_only_loopback_clients_reach_the_admin_surface(nats_server, served_apps):
+    config = make_config(nats_server.url, {})
+    with trio.fail_after(30):
+        async with running_service(config) as service:
+            [app] = served_apps
+            # A forwarded-for header is anyone's to send: it does not make a client local.
+            async with _client_at(app, "203.0.113.7", **{"X-Forwarded-For": "127.0.0.1"}) as stranger:
+                for method, path in ADMIN_ROUTES:
+                    refused = await stranger.request(method, path)
+                    assert refused.status_code == 403, path
+                    assert refused.headers["content-type"] == "application/json", path
+                    assert "admin.password_sha256" in refused.json()["error"], path
+                # The ingress and the health check stay public; health names no tenant.
+                assert (await stranger.post("/events", json=call_event("open.vn", "c"))).status_code == 202
+                health = await stranger.get("/health")
+                assert health.status_code == 200 and health.json() == {"status": "ok", "nats": "connected"}
+                assert (await stranger.get("/openapi.json")).status_code == 200
+            for local in ("127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1"):
+                async with _client_at(app, local) as client:
+                    assert (await client.get("/api/stats")).status_code == 200, local
+                    assert (await client.get("/")).status_code == 200, local
+            # And over real HTTP on 127.0.0.1.
+            assert (await service.client.get(f"{service.url}/api/stats")).status_code == 200
+
+
+async def test_a_password_lets_other_clients_in(nats_server, served_apps):
+    config = make_config(nats_server.url, {}, admin={"password_sha256": sha256_hex(ADMIN_PASSWORD)})
+    with trio.fail_after(30):
+        async with running_service(config):
+            [app] = served_apps
+            async with _client_at(app, "203.0.113.7") as stranger:
+                assert (await stranger.get("/api/stats")).status_code == 401
+                signed_in = await stranger.get("/api/stats", headers={"Authorization": f"Bearer {ADMIN_PASSWORD}"})
+                assert signed_in.status_code == 200
+
+
+STATE_CHANGING_ROUTES = [
+    ("POST", "/api/config/reload"),
+    ("POST", "/api/dead-letters/999/replay"),
+    ("DELETE", "/api/dead-letters/999"),
+]
+
+
+async def test_state_changing_admin_routes_refuse_cross_site_requests(nats_server, tmp_path):
+    path = tmp_path / "config.yaml"
+    write_config(path, nats_server.url, {}, admin={"password_sha256": sha256_hex(ADMIN_PASSWORD)})
+    basic = "Basic " + base64.b64encode(f"operator:{ADMIN_PASSWORD}".encode()).decode()
+    with trio.fail_after(30):
+        async with running_service(load_config(path), config_path=path) as service:
+            # What a browser that holds the admin's basic auth sends when a page on another site asks.
+            async with httpx.AsyncClient(base_url=service.url, headers={"Authorization": basic}) as browser:
+                for method, route in STATE_CHANGING_ROUTES:
+                    form = await browser.request(
+                        method, route, content=b"a=1", headers={"Content-Type": "application/x-www-form-urlencoded"}
+                    )
+                    assert form.status_code == 403, route
+                    assert "X-Requested-With" in form.json()["error"], route
+                    bare = await browser.request(method, route, headers={"Origin": service.url})
+                    assert bare.status_code == 403, route
+                    forged = await browser.request(
+                        method, route, headers={"Origin": "https://evil.example", "Content-Type": "application/json"}
+                    )
+                    assert forged.status_code == 403, route
+                    assert forged.json()["error"] == (
+                        f"cross-site request refused: Origin https://evil.example is not this service's origin "
+                        f"({service.url})"
+                    ), route
+                    assert (await browser.request(method, route, headers={"Origin": "null"})).status_code == 403
+
+                # What the dashboard sends: its own origin and the custom header; scripts send either.
+                reload = await browser.post(
+                    "/api/config/reload", headers={"Origin": service.url, "X-Requested-With": "dashboard"}
+                )
+                assert reload.status_code == 200 and reload.json()["status"] == "success"
+                replay = await browser.post("/api/dead-letters/999/replay", json={})
+                assert replay.status_code == 404 and replay.json()["error"] == "no dead letter with id 999"
+                discard = await browser.delete("/api/dead-letters/999", headers={"X-Requested-With": "script"})
+                assert discard.status_code == 404
+                # Behind a TLS proxy the request's own origin is the one the proxy says the client used.
+                proxied = await browser.post(
+                    "/api/config/reload",
+                    headers={
+                        "Origin": "https://forwarder.example.com",
+                        "X-Requested-With": "dashboard",
+                        "X-Forwarded-Proto": "https",
+                        "X-Forwarded-Host": "forwarder.example.com",
+                    },
+                )
+                assert proxied.status_code == 200
+                # Reading is unchanged.
+                assert (await browser.get("/api/stats", headers={"Origin": "https://evil.example"})).status_code == 200
+
+
+async def test_admin_surface_on_its_own_address(nats_server, served_apps):
     admin_port = free_port()
     config = make_config(nats_server.url, {}, admin={"listen": f"127.0.0.1:{admin_port}"})
     with trio.fail_after(30):
@@ -110,12 +210,21 @@ async def test_admin_surface_on_its_own_address(nats_server):
             admin = f"http://127.0.0.1:{admin_port}"
             assert (await service.client.get(f"{public}/api/stats")).status_code == 404
             assert (await service.client.get(f"{public}/")).status_code == 404
+            assert (await service.client.get(f"{public}/static/dashboard.js")).status_code == 404
             assert (await service.post_event(call_event("ok.vn", "c"))).status_code == 202
             assert (await service.client.get(f"{admin}/api/stats")).status_code == 200
             assert (await service.client.get(f"{admin}/")).status_code == 200
+            assert (await service.client.get(f"{admin}/static/dashboard.js")).status_code == 200
             # The public ingress is not served on the admin address.
             assert (await service.client.post(f"{admin}/events", json=call_event("ok.vn", "c"))).status_code == 404
             assert (await service.client.get(f"{admin}/health")).status_code == 200
+            # Without a password the admin address, too, answers loopback clients only.
+            public_app, admin_app = served_apps
+            async with _client_at(admin_app, "203.0.113.7") as stranger:
+                assert (await stranger.get("/api/stats")).status_code == 403
+                assert (await stranger.get("/static/dashboard.js")).status_code == 403
+            async with _client_at(public_app, "203.0.113.7") as stranger:
+                assert (await stranger.post("/events", json=call_event("ok.vn", "c"))).status_code == 202
 
 
 async def test_rate_limit_per_domain_answers_429_with_retry_after(nats_server):

@@ -17,7 +17,7 @@ from actors.ingress import PublishRequest
 from actors.log_writer import LogWriter
 from actors.stats import StatsCollector
 from actors.subscriber import Subscriber
-from pipeline.access import IngressAccess, admin_allows
+from pipeline.access import IngressAccess, admin_allows, cross_site_refusal, is_loopback
 from pipeline.config import Config
 from pipeline.nats_bridge import JetStream
 from web.api import register_api, service_statistics
@@ -29,10 +29,38 @@ from web.server import SLOW_CLIENT_TIMEOUT_SECONDS
 Surface = Literal["all", "public", "admin"]
 # Reachable without the admin credential (POST /events has its own rules: web/ingress.py).
 _OPEN_PATHS = frozenset({"/health", "/openapi.json"})
+# Admin requests that change nothing; the others must prove they are not cross-site.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# What public /health says of failing domain logs; the error itself (which may
+# name a domain's file) goes to stderr and the dashboard.
+_LOGS_FAILING = "writes to the log directory fail (the service's stderr and the dashboard say why)"
+
+
+# Without admin.password_sha256 the dashboard and /api/* answer loopback clients only; others are told this.
+_LOOPBACK_ONLY = (
+    "the dashboard and /api/* answer only this machine (loopback) while admin.password_sha256 is unset: "
+    'set it to the SHA-256 of a password (printf %s "$PASSWORD" | sha256sum) and restart, then sign in '
+    "with HTTP basic auth (any user name) or Authorization: Bearer <password>"
+)
 
 
 def _error(status: int, message: str, **extra: Any) -> tuple[dict[str, Any], int]:
     return {"status": "error", "error": message, **extra}, status
+
+
+def _own_origin() -> str:
+    """The origin the client addressed: behind a reverse proxy, the one its X-Forwarded-Proto/-Host name.
+
+    Trusting those is safe here: a page on another site cannot add them to a
+    request without a CORS preflight, which this service never grants.
+    """
+    scheme = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() or request.scheme
+    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.headers.get("Host", "")
+    return f"{scheme}://{host}"
+
+
+def _json_response(status: int, message: str) -> Response:
+    return Response(json.dumps({"status": "error", "error": message}), status, content_type="application/json")
 
 
 def create_app(
@@ -53,17 +81,21 @@ def create_app(
     """Build the ASGI app around the running pipeline's pieces (no module-level state).
 
     ``surface``: ``public`` serves only POST /events, /health and
-    /openapi.json; ``admin`` those two and the dashboard and /api/*, behind
-    the admin credential; ``all`` everything (one listen address).
+    /openapi.json; ``admin`` those two and the dashboard, its /static/* files
+    and /api/*, behind the admin credential (without one: to loopback clients
+    only); ``all`` everything (one listen address).
     """
-    app = QuartTrio(__name__)
+    # The dashboard's files belong to the admin surface: the public listener has none.
+    app = QuartTrio(__name__, static_folder=None if surface == "public" else "static")
     app.config["MAX_CONTENT_LENGTH"] = int(config.server.max_body_size)
     app.config["BODY_TIMEOUT"] = SLOW_CLIENT_TIMEOUT_SECONDS  # a body trickling in slower than this gets 408
     # Time a publish may take before the client is told it failed: the publish
     # timeout, plus room for the batch it waits behind.
     answer_deadline = config.nats.publish_timeout_seconds + 2.0
 
-    def health_report() -> tuple[dict[str, Any], int]:
+    def health_report(*, detailed: bool = False) -> tuple[dict[str, Any], int]:
+        """ok, degraded or unavailable, and why. /health is public: only ``detailed``
+        (the dashboard's copy) names the failing log file, which names a tenant."""
         if not jetstream.connected.value:
             return {"status": "unavailable", "nats": "disconnected", "reason": "not connected to NATS"}, 503
         near_full = backlog.near_full()
@@ -72,7 +104,8 @@ def create_app(
         failing = log_writer.health().failing if log_writer is not None else None
         if failing is not None:
             # Forwarding goes on; only the domain log files are not being written.
-            return {"status": "degraded", "nats": "connected", "reason": f"domain logs not written: {failing}"}, 200
+            reason = f"domain logs not written: {failing if detailed else _LOGS_FAILING}"
+            return {"status": "degraded", "nats": "connected", "reason": reason}, 200
         return {"status": "ok", "nats": "connected"}, 200
 
     @app.get("/health")
@@ -100,23 +133,35 @@ def create_app(
 
     @app.before_request
     async def admin_only() -> Response | None:
-        if password_sha256 is None or request.path in _OPEN_PATHS:
+        if request.path in _OPEN_PATHS:
             return None
-        if admin_allows(request.headers.get("Authorization"), password_sha256):
+        if password_sha256 is None:
+            client = request.scope.get("client")
+            if not is_loopback(client[0] if client else None):
+                return _json_response(403, _LOOPBACK_ONLY)
+        elif not admin_allows(request.headers.get("Authorization"), password_sha256):
+            response = _json_response(401, "admin credential required")
+            # Basic auth, so a browser asks for it when the dashboard opens.
+            response.headers["WWW-Authenticate"] = 'Basic realm="telephony-forwarder", charset="UTF-8"'
+            return response
+        if request.method in _SAFE_METHODS:
             return None
-        response = Response(
-            json.dumps({"status": "error", "error": "admin credential required"}),
-            401,
-            content_type="application/json",
+        # Replay, discard, reload: a browser holding the admin's basic auth (or
+        # on this machine) must not do them for a page on another site.
+        refusal = cross_site_refusal(
+            origin=request.headers.get("Origin"),
+            content_type=request.headers.get("Content-Type"),
+            requested_with=request.headers.get("X-Requested-With"),
+            own_origin=_own_origin(),
         )
-        # Basic auth, so a browser asks for it when the dashboard opens.
-        response.headers["WWW-Authenticate"] = 'Basic realm="telephony-forwarder", charset="UTF-8"'
-        return response
+        return None if refusal is None else _json_response(403, refusal)
 
     register_dashboard(
         app,
         stats=stats,
-        snapshot=lambda: service_statistics(stats, subscriber, backlog, log_writer) | {"health": health_report()[0]},
+        snapshot=lambda: (
+            service_statistics(stats, subscriber, backlog, log_writer) | {"health": health_report(detailed=True)[0]}
+        ),
         stopping=stopping,
     )
 

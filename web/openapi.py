@@ -20,6 +20,18 @@ _DOMAIN = _query("domain", {"type": "string"}, "only this domain")
 _TYPE = _query("type", {"type": "string", "enum": ["successful", "failed", "all"]}, "outcome type")
 _EVENT_ID = {"name": "event_id", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1}}
 _LETTER_ID = {"name": "letter_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+# State-changing admin routes refuse "simple" requests, which any site can make a browser send.
+_REQUESTED_WITH = {
+    "name": "X-Requested-With",
+    "in": "header",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9-]{1,40}$"},
+    "description": "any value (or send Content-Type: application/json instead); a request with an Origin "
+    "header must come from this service's own origin",
+}
+# Every /api/* route: 401 without the admin password (when one is set), 403 for a
+# non-loopback client without one, or a refused cross-site request.
+_ADMIN = {"401": _ERROR, "403": _ERROR}
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -50,18 +62,18 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "summary": "Recent outcomes, by domain",
                 "parameters": [_TYPE, _DOMAIN, _LIMIT],
-                "responses": {"200": _JSON, "400": _ERROR},
+                "responses": {"200": _JSON, "400": _ERROR, **_ADMIN},
             }
         },
-        "/api/stats": {"get": {"summary": "Counters", "responses": {"200": _JSON}}},
+        "/api/stats": {"get": {"summary": "Counters", "responses": {"200": _JSON, **_ADMIN}}},
         "/api/stream/messages": {
             "get": {
                 "summary": "Newest messages of the stream",
                 "parameters": [_DOMAIN, _LIMIT],
-                "responses": {"200": _JSON, "400": _ERROR, "503": _ERROR},
+                "responses": {"200": _JSON, "400": _ERROR, "503": _ERROR, **_ADMIN},
             }
         },
-        "/api/logs/domains": {"get": {"summary": "Domains with log files", "responses": {"200": _JSON}}},
+        "/api/logs/domains": {"get": {"summary": "Domains with log files", "responses": {"200": _JSON, **_ADMIN}}},
         "/api/logs": {
             "get": {
                 "summary": "A day's outcomes from a domain's log files",
@@ -72,35 +84,36 @@ OPENAPI: dict[str, Any] = {
                     _LIMIT,
                     _query("offset", {"type": "integer", "minimum": 0, "maximum": 100000}, "records to skip"),
                 ],
-                "responses": {"200": _JSON, "400": _ERROR, "404": _ERROR},
+                "responses": {"200": _JSON, "400": _ERROR, "404": _ERROR, **_ADMIN},
             }
         },
-        "/api/config/routes": {"get": {"summary": "Active routes", "responses": {"200": _JSON}}},
+        "/api/config/routes": {"get": {"summary": "Active routes", "responses": {"200": _JSON, **_ADMIN}}},
         "/api/config/reload": {
             "post": {
                 "summary": "Reload the config file",
-                "responses": {"200": _JSON, **{c: _ERROR for c in ("400", "409", "500", "503")}},
+                "parameters": [_REQUESTED_WITH],
+                "responses": {"200": _JSON, **{c: _ERROR for c in ("400", "409", "500", "503")}, **_ADMIN},
             }
         },
         "/api/dead-letters": {
             "get": {
                 "summary": "Events that used up their deliveries",
                 "parameters": [_DOMAIN, _EVENT_ID, _LIMIT],
-                "responses": {"200": _JSON, "400": _ERROR, "503": _ERROR},
+                "responses": {"200": _JSON, "400": _ERROR, "503": _ERROR, **_ADMIN},
             }
         },
         "/api/dead-letters/{letter_id}/replay": {
             "post": {
                 "summary": "Store a dead letter again for new attempts",
-                "parameters": [_LETTER_ID],
-                "responses": {"202": _JSON, "404": _ERROR, "503": _ERROR},
+                "parameters": [_LETTER_ID, _REQUESTED_WITH],
+                "responses": {"202": _JSON, "404": _ERROR, "503": _ERROR, **_ADMIN},
             }
         },
         "/api/dead-letters/{letter_id}": {
             "delete": {
                 "summary": "Discard a dead letter",
-                "parameters": [_LETTER_ID],
-                "responses": {"200": _JSON, "404": _ERROR, "503": _ERROR},
+                "parameters": [_LETTER_ID, _REQUESTED_WITH],
+                "responses": {"200": _JSON, "404": _ERROR, "503": _ERROR, **_ADMIN},
             }
         },
     },

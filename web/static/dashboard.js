@@ -80,8 +80,11 @@ function el(tag, attributes = {}, ...children) {
   return node;
 }
 
-async function getJSON(url, options) {
-  const response = await fetch(url, options);
+async function getJSON(url, options = {}) {
+  // The service refuses a POST or DELETE without this header: a page on
+  // another site cannot send it, so it cannot replay, discard or reload.
+  const headers = { "X-Requested-With": "telephony-forwarder-dashboard", ...options.headers };
+  const response = await fetch(url, { ...options, headers });
   let body = null;
   try { body = await response.json(); } catch { /* not JSON: reported below */ }
   if (!response.ok && !(body && (body.message || body.error))) {
@@ -353,7 +356,7 @@ async function reload() {
   try {
     const { status, body } = await getJSON("/api/config/reload", { method: "POST" });
     result.className = `reload-result ${status === 200 ? "ok" : "bad"}`;
-    result.textContent = status === 200 ? `${body.message} (${body.routes})` : body.message;
+    result.textContent = status === 200 ? `${body.message} (${body.routes})` : body.message || body.error;
     await loadRoutes();
   } catch (error) {
     result.className = "reload-result bad";
