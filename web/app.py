@@ -35,7 +35,6 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # name a domain's file) goes to stderr and the dashboard.
 _LOGS_FAILING = "writes to the log directory fail (the service's stderr and the dashboard say why)"
 
-
 # Without admin.password_sha256 the dashboard and /api/* answer loopback clients only; others are told this.
 _LOOPBACK_ONLY = (
     "the dashboard and /api/* answer only this machine (loopback) while admin.password_sha256 is unset: "
