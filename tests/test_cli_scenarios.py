@@ -39,6 +39,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     ("text", "expected"),
     [
         (None, "config.yaml: file not found"),
+        # Regression: an empty file started the service with no routes.
+        (
+            "",
+            "config.yaml: the file has no settings (empty, or only comments); "
+            'a config without routes says "routes: []"',
+        ),
+        ("# routes come later\n\n", "config.yaml: the file has no settings (empty, or only comments)"),
         ("server: [port: 1\n", "config.yaml: invalid YAML (line 2, column 1): expected ',' or ']'"),
         ("- just\n- a list\n", "config.yaml: the top level must be a mapping"),
         ("server:\n  port: eighty\n", "config.yaml: server.port: Input should be a valid integer"),
