@@ -55,7 +55,8 @@ class ConfigWatcher:
     In: changes of the file at ``path`` (read every ``POLL_SECONDS``, so edits
     in place, editors that rename a new file over the old one, and a file
     deleted then recreated are all seen), and ``ReloadRequest`` from
-    POST /api/config/reload. Out: the new routes, swapped whole into
+    POST /api/config/reload. A file that disappears is logged once; the
+    routes stay until it returns. Out: the new routes, swapped whole into
     ``routes`` (readers see the old mapping or the new one, never a mix), and
     the ingress's API keys and rate limits into ``access``. The file is
     validated exactly as at start, and ``admit_routes`` makes room for the
@@ -85,6 +86,7 @@ class ConfigWatcher:
         self._requests = requests
         self._lock = trio.Lock()
         self._applied_digest: bytes | None = None
+        self._unreadable = False  # the file was missing or unreadable at the last read (already logged)
         self.active = ActiveRoutes(routes.value, datetime.now(UTC), path)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -95,9 +97,22 @@ class ConfigWatcher:
 
     async def _digest(self) -> bytes | None:
         try:
-            return hashlib.sha256(await trio.Path(self._path).read_bytes()).digest()
-        except OSError:
-            return None  # missing for now (deleted, about to be recreated): keep the old routes
+            content = await trio.Path(self._path).read_bytes()
+        except OSError as error:
+            # Missing for now (deleted, about to be recreated): keep the old routes, and say so once.
+            if not self._unreadable:
+                self._unreadable = True
+                if isinstance(error, FileNotFoundError):
+                    log.warning("Config file missing; keeping the current routes", config_file=str(self._path))
+                else:
+                    log.warning(
+                        "Config file unreadable; keeping the current routes",
+                        config_file=str(self._path),
+                        reason=error.strerror,
+                    )
+            return None
+        self._unreadable = False
+        return hashlib.sha256(content).digest()
 
     async def _watch(self) -> None:
         previous = self._applied_digest

@@ -253,7 +253,10 @@ def load_config(path: Path) -> Config:
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     if raw is None:
-        raw = {}
+        # A truncated file (an editor's half-write, a `>` typo) is not "no routes": that is said explicitly.
+        raise ConfigError(
+            f'{path}: the file has no settings (empty, or only comments); a config without routes says "routes: []"'
+        )
     if not isinstance(raw, dict):
         sections = ", ".join(Config.model_fields)
         raise ConfigError(f"{path}: the top level must be a mapping ({sections})")

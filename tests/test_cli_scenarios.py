@@ -39,6 +39,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     ("text", "expected"),
     [
         (None, "config.yaml: file not found"),
+        # Regression: an empty file started the service with no routes.
+        (
+            "",
+            "config.yaml: the file has no settings (empty, or only comments); "
+            'a config without routes says "routes: []"',
+        ),
+        ("# routes come later\n\n", "config.yaml: the file has no settings (empty, or only comments)"),
         ("server: [port: 1\n", "config.yaml: invalid YAML (line 2, column 1): expected ',' or ']'"),
         ("- just\n- a list\n", "config.yaml: the top level must be a mapping"),
         ("server:\n  port: eighty\n", "config.yaml: server.port: Input should be a valid integer"),
@@ -180,6 +187,66 @@ async def test_sigterm_finishes_in_flight_forward_acks_it_and_exits_0(
     state = await nats_server.consumer_state("cli", consumer_name("ok.vn"))
     assert state["ack_floor"]["stream_seq"] == 1  # acknowledged before exit: not redelivered
     assert backend.attempts_of("slow") == [1]
+
+
+async def test_a_second_instance_on_the_same_data_dir_exits_2_and_the_first_runs_on(
+    nursery: trio.Nursery, tmp_path: Path
+):
+    # Regression: a second copy (started after "port already in use") stopped the
+    # first one's live nats-server as stale and ran its own on the same store.
+    backend = Backend()
+    await nursery.start(serve_backend, backend)
+    store = tmp_path / "store"
+
+    def config_on(port: int, name: str) -> Path:
+        config = tmp_path / name
+        config.write_text(
+            f"server: {{host: 127.0.0.1, port: {port}}}\n"
+            f"nats: {{url: embedded, data_dir: '{store}'}}\n"
+            f"logging: {{dir: '{tmp_path / 'logs'}'}}\n"
+            f"routes: [{{domain: ok.vn, endpoints: ['{backend.url}']}}]\n"
+        )
+        return config
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with trio.fail_after(90):
+        first = await trio.lowlevel.open_process(
+            [*COMMAND, "-config", str(config_on(port, "first.yaml"))], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        try:
+            log = _LogReader(first.stdout)
+            await log.wait_for("Service ready")
+            server_pid = (store / "nats-server.pid").read_text()
+            with trio.fail_after(30):  # before the fix, the second one ran on
+                second = await trio.run_process(
+                    [*COMMAND, "-config", str(config_on(free_port(), "second.yaml"))],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+            assert second.returncode == 2
+            [line] = second.stderr.decode().strip().splitlines()
+            assert line.startswith(f"telephony-forwarder: nats.data_dir {store.resolve()} is in use"), line
+            assert f"(pid {first.pid})" in line
+            assert (store / "nats-server.pid").read_text() == server_pid  # the first one's server, untouched
+
+            async with httpx.AsyncClient() as client:
+                waiting = await client.post(f"{url}/events", json=call_event("unrouted.vn", "waiting"))
+                assert waiting.status_code == 202
+                listed = (await client.get(f"{url}/api/stream/messages")).json()
+                assert (await client.post(f"{url}/events", json=call_event("ok.vn", "after"))).status_code == 202
+                await backend.wait_count(1)
+            first.send_signal(signal.SIGTERM)
+            await log.wait_for("Service stopped")
+            assert await first.wait() == 0
+        finally:
+            if first.returncode is None:
+                first.kill()
+    assert [message["data"]["call_id"] for message in listed["messages"]] == ["waiting"]
+    assert listed["total"] == 1
+    assert backend.attempts_of("after") == [1]
+    assert not (store / "nats-server.pid").exists()  # removed on a clean stop
 
 
 class _LogReader:

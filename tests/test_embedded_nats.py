@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
-from pipeline.embedded_nats import EmbeddedNats, server_binary
+from pipeline.embedded_nats import DataDirInUse, EmbeddedNats, server_binary
 from tests.harness import free_port
 
 # trio retires an idle worker thread after 10 s.
@@ -40,27 +41,22 @@ async def test_server_outlives_trios_idle_worker_threads(tmp_path: Path, nursery
     assert int((tmp_path / "nats-server.pid").read_text()) == pid
 
 
+def _start_unparented_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    """A nats-server on ``data_dir``'s own config, with no parent link: one a killed run could leave behind."""
+    data_dir.mkdir(exist_ok=True)
+    config = EmbeddedNats(data_dir, port=port)._write_config()
+    return subprocess.Popen(
+        [str(server_binary()), "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
 async def test_stale_server_of_a_killed_run_is_stopped_before_start(tmp_path: Path, nursery: trio.Nursery):
     # A server left running on our data directory, as after a kill -9 where the
-    # kernel could not stop the child: started here without any parent link.
+    # kernel could not stop the child. Its owner is gone: the lock file names a
+    # dead pid and nobody holds it.
     port = free_port()
-    (tmp_path / "jetstream").mkdir()
-    stale = subprocess.Popen(  # noqa: ASYNC220 - a stand-in for another process's server
-        [
-            str(server_binary()),
-            "-js",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-sd",
-            str(tmp_path / "jetstream"),
-            "-P",
-            str(tmp_path / "nats-server.pid"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    stale = _start_unparented_server(tmp_path, port)
+    (tmp_path / "instance.lock").write_text("4194304\n")
     try:
         with trio.fail_after(20):
             await _wait_pid_file(tmp_path / "nats-server.pid")
@@ -71,6 +67,60 @@ async def test_stale_server_of_a_killed_run_is_stopped_before_start(tmp_path: Pa
     finally:
         if stale.poll() is None:
             stale.kill()
+
+
+async def test_a_server_our_pid_file_names_but_on_another_config_is_left_alone(tmp_path: Path, nursery: trio.Nursery):
+    # The pid in a leftover pid file now belongs to a nats-server of another
+    # directory (pids are reused): it is not ours to stop.
+    other = _start_unparented_server(tmp_path / "other", free_port())
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    try:
+        with trio.fail_after(20):
+            await _wait_pid_file(tmp_path / "other" / "nats-server.pid")
+            (ours / "nats-server.pid").write_text(f"{other.pid}\n")
+            url = await nursery.start(EmbeddedNats(ours).run)
+            assert await _answers(url)
+            assert other.poll() is None
+            assert int((ours / "nats-server.pid").read_text()) != other.pid
+    finally:
+        other.terminate()
+        await trio.to_thread.run_sync(other.wait)
+
+
+async def test_a_second_owner_of_the_data_directory_is_refused_and_the_first_runs_on(
+    tmp_path: Path, nursery: trio.Nursery
+):
+    first = EmbeddedNats(tmp_path)
+    with trio.fail_after(20):
+        url = await nursery.start(first.run)
+        pid = int((tmp_path / "nats-server.pid").read_text())
+        with pytest.raises(DataDirInUse) as refused:
+            await EmbeddedNats(tmp_path).run()
+        assert str(refused.value) == (
+            f"nats.data_dir {first.data_dir} is in use by another instance (pid {os.getpid()}); "
+            "stop that one first, or give this one its own nats.data_dir"
+        )
+        assert await _answers(url)
+        assert int((tmp_path / "nats-server.pid").read_text()) == pid
+
+
+async def test_a_clean_stop_removes_the_pid_file_and_frees_the_directory(tmp_path: Path):
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(EmbeddedNats(tmp_path).run)
+            pid = int((tmp_path / "nats-server.pid").read_text())
+            pidfd = os.pidfd_open(pid)
+            nursery.cancel_scope.cancel()
+        try:
+            assert select.select([pidfd], [], [], 0)[0] == [pidfd]  # the server has exited
+        finally:
+            os.close(pidfd)
+        assert not (tmp_path / "nats-server.pid").exists()
+        async with trio.open_nursery() as nursery:  # the next instance may own it
+            url = await nursery.start(EmbeddedNats(tmp_path).run)
+            assert await _answers(url)
+            nursery.cancel_scope.cancel()
 
 
 def test_server_stops_when_the_service_is_killed(tmp_path: Path):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import trio
 from structlog.testing import capture_logs
+from trio_util import AsyncValue
 
+from actors.config_watcher import ConfigWatcher
 from pipeline.config import load_config
 from pipeline.events import consumer_name
 from tests.conftest import StartBackend
@@ -122,6 +125,75 @@ async def test_invalid_file_keeps_the_old_routes(nats_server: NatsServer, start_
     assert "routes[0].endpoints[0].url: URL scheme should be 'http' or 'https'" in response.json()["message"]
     [rejection] = [x for x in logs if x["event"] == "Config reload rejected; keeping the active routes"][:1]
     assert str(path) in rejection["reason"]
+
+
+@pytest.mark.parametrize("emptied", ["", "# routes: moved to the new PBX\n\n  \n"])
+async def test_an_emptied_file_keeps_the_old_routes_and_routes_empty_list_retires_them(
+    nats_server: NatsServer, start_backend: StartBackend, tmp_path: Path, emptied: str
+):
+    # Regression: a truncated file (an editor's half-write, a `>` typo) was
+    # applied as a valid config with no routes, retiring every forwarder.
+    backend = await start_backend()
+    path = tmp_path / "config.yaml"
+    write_config(path, nats_server.url, {"ok.vn": [backend.url]})
+    verdicts = ("Config reload rejected; keeping the active routes", "Config auto-reloaded successfully")
+    with trio.fail_after(30), capture_logs() as logs:
+        async with running_service(load_config(path), config_path=path) as service:
+            path.write_text(emptied)
+            await wait_for_api(service, "/health", lambda r: any(x["event"] in verdicts for x in logs))
+            assert [x["event"] for x in logs if x["event"] in verdicts] == [verdicts[0]]
+            assert await _routes(service) == {"ok.vn": [backend.url]}
+            await service.post_event(call_event("ok.vn", "still-routed"))
+            await backend.wait_count(1)
+            response = await service.client.post(f"{service.url}/api/config/reload")
+
+            write_config(path, nats_server.url, {})  # "routes: []": no routes, said explicitly
+            await _wait_routes(service, {})
+    expected = f'{path}: the file has no settings (empty, or only comments); a config without routes says "routes: []"'
+    assert response.status_code == 400 and response.json()["message"] == expected
+    rejection = next(x for x in logs if x["event"] == verdicts[0])
+    assert rejection["reason"] == expected
+
+
+async def test_a_deleted_file_is_logged_once_per_disappearance_and_keeps_the_routes(
+    nats_server: NatsServer, start_backend: StartBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Regression: a deleted config file was silent.
+    first, second = await start_backend(), await start_backend()
+    path = tmp_path / "config.yaml"
+    write_config(path, nats_server.url, {"ok.vn": [first.url]})
+    reads = AsyncValue(0)  # the watcher's reads of the file, to know it looked again without sleeping
+    digest = ConfigWatcher._digest
+
+    async def counted_digest(watcher: ConfigWatcher) -> bytes | None:
+        try:
+            return await digest(watcher)
+        finally:
+            reads.value += 1
+
+    monkeypatch.setattr(ConfigWatcher, "_digest", counted_digest)
+
+    async def wait_reads_after_deletion() -> None:
+        path.unlink()
+        since = reads.value
+        await reads.wait_value(lambda count: count >= since + 6)
+
+    def missing() -> list[dict]:
+        return [x for x in logs if x["event"] == "Config file missing; keeping the current routes"]
+
+    with trio.fail_after(30), capture_logs() as logs:
+        async with running_service(load_config(path), config_path=path) as service:
+            await wait_reads_after_deletion()
+            assert len(missing()) == 1 and missing()[0]["config_file"] == str(path)
+            assert await _routes(service) == {"ok.vn": [first.url]}
+            await service.post_event(call_event("ok.vn", "while-missing"))
+            await first.wait_count(1)
+
+            write_config(path, nats_server.url, {"ok.vn": [second.url]})
+            await _wait_routes(service, {"ok.vn": [second.url]})
+            await wait_reads_after_deletion()  # a second disappearance is said again, once
+            assert len(missing()) == 2
+            assert await _routes(service) == {"ok.vn": [second.url]}
 
 
 async def test_editor_style_rename_over_and_delete_recreate_are_noticed(
