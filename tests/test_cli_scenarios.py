@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -32,7 +33,9 @@ routes:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*COMMAND, *args], capture_output=True, text=True, timeout=60)  # noqa: ASYNC221
+    # In a directory of its own: a run that starts after all must not leave data/ or logs/ in the checkout.
+    work = tempfile.mkdtemp(prefix="tf-cli-")
+    return subprocess.run([*COMMAND, *args], capture_output=True, text=True, timeout=60, cwd=work)  # noqa: ASYNC221
 
 
 @pytest.mark.parametrize(
