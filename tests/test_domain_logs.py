@@ -20,14 +20,9 @@ def test_sanitize_keeps_the_familiar_form():
 
 
 @pytest.mark.parametrize(
-    "hostile", ["", "..", "../etc", "a/b", "a\\b", "a\0b", "/abs", "a b", "ü.vn", "a" * 254, ".", "~"]
+    "hostile", ["", "..", "../etc", "a/b", "a\\b", "a\0b", "/abs", "a b", "ü.vn", "a" * 254, ".", "~", "_", ".a", "a."]
 )
 def test_sanitize_rejects_what_could_escape_or_is_not_a_domain(hostile: str):
-    if hostile in ("..", "."):
-        # Valid host-like characters, but they must still become a safe name.
-        name = sanitize_domain(hostile)
-        assert name not in (".", "..") and not name.startswith(".") and "/" not in name
-        return
     with pytest.raises(InvalidEvent):
         sanitize_domain(hostile)
 
