@@ -125,9 +125,13 @@ class ApiKeyConfig(_Section):
 class IngressConfig(_Section):
     # With no keys the ingress is open to anyone (a loud warning says so at start).
     api_keys: tuple[ApiKeyConfig, ...] = ()
-    # Per-domain token bucket for POST /events; 0 turns it off.
+    # Per-domain token bucket for POST /events, for each routed domain; 0 turns it off.
     rate_limit_per_second: float = Field(500.0, ge=0)
     rate_limit_burst: int = Field(1000, ge=1)
+    # One token bucket shared by all domains without a route (a client can invent
+    # any number of them): together they get one tenant's allowance. 0 turns it off.
+    unrouted_rate_limit_per_second: float = Field(500.0, ge=0)
+    unrouted_rate_limit_burst: int = Field(1000, ge=1)
 
 
 class AdminConfig(_Section):
@@ -220,6 +224,8 @@ class Config(_Section):
             {key.sha256: ApiKey(key.name, frozenset(key.domains)) for key in self.ingress.api_keys},
             rate_per_second=self.ingress.rate_limit_per_second,
             burst=self.ingress.rate_limit_burst,
+            unrouted_rate_per_second=self.ingress.unrouted_rate_limit_per_second,
+            unrouted_burst=self.ingress.unrouted_rate_limit_burst,
         )
 
     def endpoints_by_domain(self) -> dict[str, tuple[Endpoint, ...]]:

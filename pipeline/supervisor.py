@@ -139,6 +139,7 @@ async def _run_pipeline(
                     config_watcher=watcher,
                     reload_requests=reload_send,
                     access=access,
+                    routes=routes,
                     stopping=stopping,
                 )
                 binds = await actors.start(_serve_until_stopped, make_app, config, stopping, publish_send)

@@ -17,8 +17,9 @@ from trio_util import AsyncValue
 
 from actors.ingress import PublishRequest
 from pipeline.access import DomainRateLimiter, IngressAccess
-from pipeline.events import InvalidEvent, parse_event
+from pipeline.events import AcceptedEvent, InvalidEvent, parse_event
 from pipeline.nats_bridge import EventTooLarge, StreamRefused
+from pipeline.routes import Routes
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -33,6 +34,8 @@ ACCEPTED_CONTENT_TYPES = frozenset(
 
 # What a refused client is told to wait: backlogs drain at the endpoints' pace.
 REFUSED_RETRY_AFTER_SECONDS = 30
+# The one bucket of the shared limiter of all domains without a route.
+_UNROUTED_BUCKET = ""
 
 
 class ClientGone(Exception):
@@ -44,13 +47,18 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None, **e
 
 
 class EventIngress:
-    """ASGI app: answers POST /events itself and hands every other request to ``app``."""
+    """ASGI app: answers POST /events itself and hands every other request to ``app``.
+
+    A routed domain's events have that domain's rate limit; the events of all
+    domains without a route (as ``routes`` are now) share one.
+    """
 
     def __init__(
         self,
         app: Callable[[Scope, Receive, Send], Awaitable[None]],
         *,
         access: AsyncValue[IngressAccess],
+        routes: AsyncValue[Routes],
         publish_requests: trio.MemorySendChannel[PublishRequest],
         max_body_size: int,
         body_timeout: float,
@@ -58,11 +66,13 @@ class EventIngress:
     ) -> None:
         self._app = app
         self._access = access
+        self._routes = routes
         self._publish_requests = publish_requests
         self._max_body_size = max_body_size
         self._body_timeout = body_timeout
         self._answer_deadline = answer_deadline
         self._limiter = DomainRateLimiter(access.value.rate_per_second, access.value.burst)
+        self._unrouted_limiter = DomainRateLimiter(access.value.unrouted_rate_per_second, access.value.unrouted_burst)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != "/events":
@@ -121,20 +131,34 @@ class EventIngress:
                 return _error(400, str(error))
             if key is not None and not key.allows(event.domain):
                 return _error(403, f"API key {key.name!r} may not post events for domain {event.domain!r}")
-            if rules.rate_per_second:
-                if (self._limiter.rate, self._limiter.burst) != (rules.rate_per_second, rules.burst):
-                    self._limiter = DomainRateLimiter(rules.rate_per_second, rules.burst)
-                wait = self._limiter.take(event.domain)
-                if wait:
-                    return _error(
-                        429,
-                        f"too many events for domain {event.domain!r}; retry later",
-                        {"Retry-After": str(math.ceil(wait))},
-                    )
+            routed = event.domain in self._routes.value
+            wait = self._rate_limit_wait(rules, event.domain, routed)
+            if wait:
+                return _error(
+                    429,
+                    f"too many events for domain {event.domain!r}; retry later"
+                    if routed
+                    else "too many events for domains without a route (they share one limit); retry later",
+                    {"Retry-After": str(math.ceil(wait))},
+                )
             return await self._publish(event)
         return _error(408, f"the body did not arrive within {self._body_timeout:g} s")
 
-    async def _publish(self, event) -> Answer:
+    def _rate_limit_wait(self, rules: IngressAccess, domain: str, routed: bool) -> float:
+        """0 when the event may pass its rate limit, else the seconds until it would."""
+        if routed:
+            if not rules.rate_per_second:
+                return 0.0
+            self._limiter = DomainRateLimiter.following(self._limiter, rules.rate_per_second, rules.burst)
+            return self._limiter.take(domain)
+        if not rules.unrouted_rate_per_second:
+            return 0.0
+        self._unrouted_limiter = DomainRateLimiter.following(
+            self._unrouted_limiter, rules.unrouted_rate_per_second, rules.unrouted_burst
+        )
+        return self._unrouted_limiter.take(_UNROUTED_BUCKET)
+
+    async def _publish(self, event: AcceptedEvent) -> Answer:
         publish = PublishRequest(event)
         # A client that hangs up cancels this handler; the publish it started
         # must still finish (or time out) on its own, never half-done.
