@@ -64,6 +64,10 @@ class NatsConfig(_Section):
     max_bytes: ByteSize = ByteSize(3 * 1024**3)
     # Events one domain may have waiting; beyond it only that domain's new events get 503.
     max_backlog_per_domain: int = Field(100_000, ge=1)
+    # Events all domains without a route may have waiting together (anyone can
+    # invent domains); beyond it, or once the stream is half full, their new
+    # events get 503, so they never fill the stream routed tenants need. 0: none accepted.
+    max_unrouted_backlog: int = Field(100_000, ge=0)
     # Events that used up max_deliveries are kept this long in the dead-letter stream.
     dead_letter_max_age_days: float = Field(30.0, gt=0)
     dead_letter_max_bytes: ByteSize = ByteSize(1024**3)

@@ -90,6 +90,7 @@ def create_app(
             _with_common_handlers(app, config),
             access=access,
             routes=routes,
+            backlog=backlog,
             publish_requests=publish_requests,
             max_body_size=int(config.server.max_body_size),
             body_timeout=SLOW_CLIENT_TIMEOUT_SECONDS,

@@ -15,10 +15,11 @@ from typing import Any
 import trio
 from trio_util import AsyncValue
 
+from actors.backlog_monitor import BacklogMonitor
 from actors.ingress import PublishRequest
 from pipeline.access import DomainRateLimiter, IngressAccess
 from pipeline.events import AcceptedEvent, InvalidEvent, parse_event
-from pipeline.nats_bridge import EventTooLarge, StreamRefused
+from pipeline.nats_bridge import EventTooLarge, PublishReceipt, StreamRefused
 from pipeline.routes import Routes
 
 Scope = dict[str, Any]
@@ -50,7 +51,8 @@ class EventIngress:
     """ASGI app: answers POST /events itself and hands every other request to ``app``.
 
     A routed domain's events have that domain's rate limit; the events of all
-    domains without a route (as ``routes`` are now) share one.
+    domains without a route (as ``routes`` are now) share one, and ``backlog``
+    bounds how many of them may wait in the stream.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class EventIngress:
         *,
         access: AsyncValue[IngressAccess],
         routes: AsyncValue[Routes],
+        backlog: BacklogMonitor,
         publish_requests: trio.MemorySendChannel[PublishRequest],
         max_body_size: int,
         body_timeout: float,
@@ -67,6 +70,7 @@ class EventIngress:
         self._app = app
         self._access = access
         self._routes = routes
+        self._backlog = backlog
         self._publish_requests = publish_requests
         self._max_body_size = max_body_size
         self._body_timeout = body_timeout
@@ -141,7 +145,9 @@ class EventIngress:
                     else "too many events for domains without a route (they share one limit); retry later",
                     {"Retry-After": str(math.ceil(wait))},
                 )
-            return await self._publish(event)
+            if routed:
+                return self._answer(event, await self._store(event))
+            return await self._store_unrouted(event)
         return _error(408, f"the body did not arrive within {self._body_timeout:g} s")
 
     def _rate_limit_wait(self, rules: IngressAccess, domain: str, routed: bool) -> float:
@@ -158,14 +164,36 @@ class EventIngress:
         )
         return self._unrouted_limiter.take(_UNROUTED_BUCKET)
 
-    async def _publish(self, event: AcceptedEvent) -> Answer:
+    async def _store_unrouted(self, event: AcceptedEvent) -> Answer:
+        """Store an event of a domain without a route, if what such domains have waiting allows one more."""
+        size = len(event.payload)
+        refusal = self._backlog.admit_unrouted(size)
+        if refusal is not None:
+            return _error(
+                503,
+                f"event not stored: {refusal}; retry later with the same event_id",
+                {"Retry-After": str(REFUSED_RETRY_AFTER_SECONDS)},
+                event_id=event.event_id,
+                limit="unrouted_backlog",
+            )
+        outcome = await self._store(event)
+        # A publish that timed out may have stored it: the limit errs on the safe side.
+        stored = outcome is None or (isinstance(outcome, PublishReceipt) and not outcome.duplicate)
+        self._backlog.settle_unrouted(size, stored=stored)
+        return self._answer(event, outcome)
+
+    async def _store(self, event: AcceptedEvent) -> PublishReceipt | Exception | None:
+        """Have the ingress actor publish ``event``: its receipt, the error, or None if it took too long."""
         publish = PublishRequest(event)
         # A client that hangs up cancels this handler; the publish it started
         # must still finish (or time out) on its own, never half-done.
         with trio.CancelScope(shield=True), trio.move_on_after(self._answer_deadline):
             await self._publish_requests.send(publish)
             await publish.done.wait()
-        outcome = publish.outcome
+        return publish.outcome
+
+    @staticmethod
+    def _answer(event: AcceptedEvent, outcome: PublishReceipt | Exception | None) -> Answer:
         if outcome is None:
             return _error(503, "timed out storing the event; retry with the same event_id", event_id=event.event_id)
         if isinstance(outcome, EventTooLarge):
