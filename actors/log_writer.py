@@ -1,5 +1,9 @@
 """The log writer actor: event log records in, per-domain daily files on disk out.
 
+Routed domains each have their own directory; records about every domain
+without a route (as of the routes when they are written) share one,
+``_unrouted``, so strangers inventing domains cannot create directories.
+
 Three pieces: ``DomainLogRouter`` (a structlog processor that hands every
 record about an event to the writer), ``LogWriter`` (the actor), and
 ``DomainLogFiles`` (the files themselves, used from a worker thread so disk
@@ -14,6 +18,7 @@ import shutil
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Container
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -21,11 +26,13 @@ from typing import IO, Any
 
 import structlog
 import trio
+from trio_util import AsyncValue
 
 from pipeline.batching import batches
 from pipeline.config import LoggingConfig
-from pipeline.domain_logs import DAY_FILE_PART, DOMAIN_FILE, log_files, sanitize_domain
+from pipeline.domain_logs import DAY_FILE_PART, DOMAIN_FILE, UNROUTED, log_files, sanitize_domain
 from pipeline.events import InvalidEvent
+from pipeline.routes import Routes
 
 # Lines written in one worker-thread call, and how long a line waits for
 # others to share that call (a thread round trip per line costs more than the
@@ -87,9 +94,12 @@ class _OpenFile:
 class DomainLogFiles:
     """Per-domain daily files with size rolling, retention and compression. Not async: run it in a thread.
 
-    Rolling never drops or repeats a line: a line goes whole into the file
-    that is open when it is written, and a file is closed (and compressed)
-    only between lines.
+    Each routed domain has a directory; the lines of all other domains go to
+    the one ``_unrouted`` directory (same rolling, retention, compression), so
+    the number of directories is bounded by the routes, not by what clients
+    send. Rolling never drops or repeats a line: a line goes whole into the
+    file that is open when it is written, and a file is closed (and
+    compressed) only between lines.
     """
 
     def __init__(self, root: Path, config: LoggingConfig, *, max_open_files: int = 256) -> None:
@@ -99,19 +109,23 @@ class DomainLogFiles:
         self._open: OrderedDict[str, _OpenFile] = OrderedDict()  # directory name → its open day file
         self._newest_day = ""
 
-    def write(self, lines: list[DomainLogLine]) -> None:
+    def write(self, lines: list[DomainLogLine], routed: Container[str]) -> None:
+        """Append ``lines``; ``routed`` holds the domains that have a route now (the rest are unrouted)."""
         for line in lines:
             if line.day > self._newest_day:
                 self._newest_day = line.day
                 self._start_day(line.day)
-            try:
-                name = sanitize_domain(line.domain)
-            except InvalidEvent:
-                continue  # only accepted (valid) domains are logged; nothing else can name a directory
-            current = self._file_for(name, line.domain, line.day)
+            if line.domain in routed:
+                try:
+                    name, label = sanitize_domain(line.domain), line.domain
+                except InvalidEvent:
+                    continue  # only accepted (valid) domains are logged; nothing else can name a directory
+            else:
+                name = label = UNROUTED
+            current = self._file_for(name, label, line.day)
             if current.size and current.size + len(line.line) > self._config.max_file_size:
                 self._close(name, roll=True)
-                current = self._file_for(name, line.domain, line.day)
+                current = self._file_for(name, label, line.day)
             current.handle.write(line.line)
             current.size += len(line.line)
         for current in self._open.values():
@@ -201,7 +215,8 @@ class LogWriterHealth:
 class LogWriter:
     """Writes the records ``DomainLogRouter`` hands it to the per-domain files.
 
-    In: ``DomainLogLine``. Out: files under the log directory, written in
+    In: ``DomainLogLine``, and ``routes`` (read when a batch is written: a
+    domain without a route then goes to ``_unrouted``). Out: files under the log directory, written in
     batches from a worker thread. A failing disk (full, read-only) never stops
     the service: the batch is lost, the failure is reported on stderr at most
     once a minute and through ``health()`` (``/health`` says degraded), and
@@ -211,11 +226,16 @@ class LogWriter:
     """
 
     def __init__(
-        self, lines: trio.MemoryReceiveChannel[DomainLogLine], files: DomainLogFiles, router: DomainLogRouter
+        self,
+        lines: trio.MemoryReceiveChannel[DomainLogLine],
+        files: DomainLogFiles,
+        router: DomainLogRouter,
+        routes: AsyncValue[Routes],
     ) -> None:
         self._lines = lines
         self._files = files
         self._router = router
+        self._routes = routes
         self._failing: str | None = None
         self._last_report = -REPORT_INTERVAL_SECONDS
 
@@ -227,14 +247,15 @@ class LogWriter:
         try:
             with self._lines:
                 async for batch in batches(self._lines, MAX_BATCH, linger_seconds=LINGER_SECONDS):
-                    await trio.to_thread.run_sync(self._write, batch)
+                    # The routes are replaced whole, never mutated: the thread may read this mapping.
+                    await trio.to_thread.run_sync(self._write, batch, self._routes.value)
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._files.close)
 
-    def _write(self, batch: list[DomainLogLine]) -> None:
+    def _write(self, batch: list[DomainLogLine], routed: Routes) -> None:
         try:
-            self._files.write(batch)
+            self._files.write(batch, routed)
         except OSError as error:
             self._failing = f"{error.strerror or error} ({getattr(error, 'filename', None) or self._files.root})"
             now = time.monotonic()

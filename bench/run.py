@@ -167,8 +167,8 @@ def start_service(work: Path, routes: dict[str, list[str]], processes: list, ext
     port = free_port()
     lines = [f"server: {{host: 127.0.0.1, port: {port}}}", f"nats: {{url: embedded, data_dir: '{work / 'nats'}'}}"]
     lines.append(f"logging: {{dir: '{work / 'logs'}'}}")
-    # Capacity is what is measured: no per-domain rate limit in the way.
-    lines.append("ingress: {rate_limit_per_second: 0}")
+    # Capacity is what is measured: no rate limit in the way (ingest_only posts to an unrouted domain).
+    lines.append("ingress: {rate_limit_per_second: 0, unrouted_rate_limit_per_second: 0}")
     lines.append("routes:" + ("" if routes else " []"))
     for domain, endpoints in routes.items():
         lines.append(f"  - {{domain: {domain}, endpoints: [{', '.join(endpoints)}]}}")

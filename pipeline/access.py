@@ -43,8 +43,11 @@ class IngressAccess:
     """The ingress's API keys (by the SHA-256 of the key; keys themselves are never kept)."""
 
     keys: Mapping[str, ApiKey] = field(default_factory=dict)
-    rate_per_second: float = 0.0  # per-domain limit of POST /events; 0: none
+    rate_per_second: float = 0.0  # per-domain limit of POST /events for routed domains; 0: none
     burst: int = 1
+    # One limit shared by every domain without a route: anyone can invent domains.
+    unrouted_rate_per_second: float = 0.0
+    unrouted_burst: int = 1
 
     @property
     def open(self) -> bool:
@@ -127,6 +130,11 @@ def cross_site_refusal(
 
 class DomainRateLimiter:
     """A token bucket per domain: ``rate`` events a second on average, bursts up to ``burst``."""
+
+    @classmethod
+    def following(cls, current: DomainRateLimiter, rate: float, burst: int) -> DomainRateLimiter:
+        """``current`` while its settings are ``rate`` and ``burst``, else a new limiter with them (a reload)."""
+        return current if (current.rate, current.burst) == (rate, burst) else cls(rate, burst)
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate

@@ -64,6 +64,10 @@ class NatsConfig(_Section):
     max_bytes: ByteSize = ByteSize(3 * 1024**3)
     # Events one domain may have waiting; beyond it only that domain's new events get 503.
     max_backlog_per_domain: int = Field(100_000, ge=1)
+    # Events all domains without a route may have waiting together (anyone can
+    # invent domains); beyond it, or once the stream is half full, their new
+    # events get 503, so they never fill the stream routed tenants need. 0: none accepted.
+    max_unrouted_backlog: int = Field(100_000, ge=0)
     # Events that used up max_deliveries are kept this long in the dead-letter stream.
     dead_letter_max_age_days: float = Field(30.0, gt=0)
     dead_letter_max_bytes: ByteSize = ByteSize(1024**3)
@@ -125,9 +129,13 @@ class ApiKeyConfig(_Section):
 class IngressConfig(_Section):
     # With no keys the ingress is open to anyone (a loud warning says so at start).
     api_keys: tuple[ApiKeyConfig, ...] = ()
-    # Per-domain token bucket for POST /events; 0 turns it off.
+    # Per-domain token bucket for POST /events, for each routed domain; 0 turns it off.
     rate_limit_per_second: float = Field(500.0, ge=0)
     rate_limit_burst: int = Field(1000, ge=1)
+    # One token bucket shared by all domains without a route (a client can invent
+    # any number of them): together they get one tenant's allowance. 0 turns it off.
+    unrouted_rate_limit_per_second: float = Field(500.0, ge=0)
+    unrouted_rate_limit_burst: int = Field(1000, ge=1)
 
 
 class AdminConfig(_Section):
@@ -221,6 +229,8 @@ class Config(_Section):
             {key.sha256: ApiKey(key.name, frozenset(key.domains)) for key in self.ingress.api_keys},
             rate_per_second=self.ingress.rate_limit_per_second,
             burst=self.ingress.rate_limit_burst,
+            unrouted_rate_per_second=self.ingress.unrouted_rate_limit_per_second,
+            unrouted_burst=self.ingress.unrouted_rate_limit_burst,
         )
 
     def endpoints_by_domain(self) -> dict[str, tuple[Endpoint, ...]]:

@@ -5,6 +5,7 @@ logs/<sanitized domain>/.domain              the domain itself (one line)
 logs/<sanitized domain>/2026-01-04.log       the day being written (UTC)
 logs/<sanitized domain>/2026-01-04.1.log.gz  earlier parts of that day, rolled at the size limit
 logs/<sanitized domain>/2026-01-03.log.gz    a closed day
+logs/_unrouted/...                           the same, for every domain without a route
 ```
 
 A day's lines are its numbered parts in order, then its day file. The writer
@@ -26,6 +27,11 @@ from typing import IO, Any
 from pipeline.events import InvalidEvent, normalize_domain, outcome_record
 
 DOMAIN_FILE = ".domain"
+# The one directory of all domains without a route. sanitize_domain never gives
+# it: without "+", a name comes from a domain with no "_" whose dots became "_",
+# and no domain starts with "." (every label needs a letter or digit); a domain
+# with "_" in it gets "+<hash>" appended.
+UNROUTED = "_unrouted"
 _FILE_NAME = re.compile(r"(\d{4}-\d{2}-\d{2})(?:\.(\d+))?\.log(\.gz)?")
 _SANITIZED = re.compile(r"[a-z0-9_+-]{1,280}")
 
@@ -37,10 +43,11 @@ def sanitize_domain(domain: str) -> str:
     """The directory name of ``domain``: ``example.com`` → ``example_com``.
 
     Always one safe path component: the domain is validated first (so no ``/``,
-    ``\\``, NUL, ``..`` or empty name gets through) and its dots become
-    underscores. A domain that already contains ``_`` gets a ``+`` and a hash
-    of itself appended (``+`` never occurs in a domain), so distinct domains
-    never share a directory: ``a_b.vn`` and ``a.b.vn`` differ.
+    ``\\``, NUL, ``..``, empty label or empty name gets through) and its dots
+    become underscores. A domain that already contains ``_`` gets a ``+`` and
+    a hash of itself appended (``+`` never occurs in a domain), so distinct
+    domains never share a directory (``a_b.vn`` and ``a.b.vn`` differ) and
+    none gets ``UNROUTED``'s.
     """
     normalized = normalize_domain(domain)
     name = normalized.replace(".", "_")

@@ -53,7 +53,11 @@ def parse_strict_json(data: bytes | str) -> Any:
 
 
 def normalize_domain(domain: object) -> str:
-    """Return ``domain`` in lower case, or raise ``InvalidEvent`` if it is not host-like."""
+    """Return ``domain`` in lower case, or raise ``InvalidEvent`` if it is not host-like.
+
+    Host-like: 1-253 letters, digits, ``.``, ``-`` and ``_``, where every
+    dot-separated label is non-empty and holds at least one letter or digit.
+    """
     if not isinstance(domain, str):
         raise InvalidEvent("domain must be a string")
     if not domain:
@@ -61,6 +65,13 @@ def normalize_domain(domain: object) -> str:
     lowered = domain.lower()
     if not _DOMAIN.fullmatch(lowered):
         raise InvalidEvent(f"domain must be 1-{MAX_DOMAIN_LENGTH} characters of letters, digits, '.', '-' or '_'")
+    # Each dot-separated label needs a letter or digit (what is left once "-" and
+    # "_" are stripped): "..", ".a", "a.", "_" or "-.vn" name no host.
+    if not all(label.strip("-_") for label in lowered.split(".")):
+        raise InvalidEvent(
+            f"domain {domain!r} needs a letter or digit in every dot-separated label "
+            "(no empty label, no label of only '-' or '_')"
+        )
     return lowered
 
 

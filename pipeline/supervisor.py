@@ -22,7 +22,7 @@ from actors.subscriber import Subscriber
 from pipeline.config import Config
 from pipeline.embedded_nats import EmbeddedNats
 from pipeline.nats_bridge import Delivery, open_jetstream
-from pipeline.routes import open_routes
+from pipeline.routes import Routes, open_routes
 from web.app import create_app
 from web.ingress import EventIngress
 from web.server import serve_http
@@ -60,17 +60,20 @@ async def run_service(
     writer runs first and stops last, so the records of the shutdown itself
     reach the files.
     """
+    # One holder of the routes for everything: the config watcher swaps them, the
+    # log writer and the pipeline read them.
+    routes = open_routes(config.endpoints_by_domain())
     if domain_router is None:
-        await _run_pipeline(config, config_path, stopping, None, task_status=task_status)
+        await _run_pipeline(config, config_path, routes, stopping, None, task_status=task_status)
         return
     lines_send, lines_receive = trio.open_memory_channel[DomainLogLine](LOG_QUEUE_SIZE)
-    writer = LogWriter(lines_receive, DomainLogFiles(config.logging.dir, config.logging), domain_router)
+    writer = LogWriter(lines_receive, DomainLogFiles(config.logging.dir, config.logging), domain_router, routes)
     async with trio.open_nursery() as logging:
         await logging.start(writer.run)
         with lines_send:
             domain_router.attach(lines_send)
             try:
-                await _run_pipeline(config, config_path, stopping, writer, task_status=task_status)
+                await _run_pipeline(config, config_path, routes, stopping, writer, task_status=task_status)
             finally:
                 domain_router.attach(None)
 
@@ -78,6 +81,7 @@ async def run_service(
 async def _run_pipeline(
     config: Config,
     config_path: Path | None,
+    routes: AsyncValue[Routes],
     stopping: trio.Event,
     log_writer: LogWriter | None,
     *,
@@ -96,7 +100,6 @@ async def _run_pipeline(
         else:
             url = config.nats.url
         async with open_jetstream(config.nats, url, len(config.routes)) as jetstream:
-            routes = open_routes(config.endpoints_by_domain())
             access = AsyncValue(config.ingress_access())
             _warn_if_open(config)
             publish_send, publish_receive = trio.open_memory_channel[PublishRequest](PUBLISH_QUEUE_SIZE)
@@ -136,6 +139,7 @@ async def _run_pipeline(
                     config_watcher=watcher,
                     reload_requests=reload_send,
                     access=access,
+                    routes=routes,
                     stopping=stopping,
                 )
                 binds = await actors.start(_serve_until_stopped, make_app, config, stopping, publish_send)

@@ -227,8 +227,13 @@ async def test_admin_surface_on_its_own_address(nats_server, served_apps):
                 assert (await stranger.post("/events", json=call_event("ok.vn", "c"))).status_code == 202
 
 
-async def test_rate_limit_per_domain_answers_429_with_retry_after(nats_server):
-    config = make_config(nats_server.url, {}, ingress={"rate_limit_per_second": 0.5, "rate_limit_burst": 2})
+async def test_rate_limit_per_domain_answers_429_with_retry_after(nats_server, start_backend: StartBackend):
+    backend = await start_backend()
+    config = make_config(
+        nats_server.url,
+        {"busy.vn": [backend.url], "quiet.vn": [backend.url]},
+        ingress={"rate_limit_per_second": 0.5, "rate_limit_burst": 2},
+    )
     with trio.fail_after(30):
         async with running_service(config) as service:
             answers = [(await service.post_event(call_event("busy.vn", f"c{n}"))) for n in range(3)]
@@ -237,3 +242,38 @@ async def test_rate_limit_per_domain_answers_429_with_retry_after(nats_server):
     assert int(answers[2].headers["retry-after"]) >= 1
     assert answers[2].json()["error"] == "too many events for domain 'busy.vn'; retry later"
     assert other.status_code == 202  # one tenant's limit is not another's
+
+
+async def test_domains_without_a_route_share_one_rate_limit(nats_server, start_backend: StartBackend, tmp_path):
+    # Issue 13: the per-domain limit started afresh for every invented domain.
+    backend = await start_backend()
+    path = tmp_path / "config.yaml"
+    limits = {"rate_limit_per_second": 0.001, "rate_limit_burst": 2}
+    unrouted_limits = {"unrouted_rate_limit_per_second": 0.001, "unrouted_rate_limit_burst": 3}
+    write_config(path, nats_server.url, {"ok.vn": [backend.url]}, ingress=limits | unrouted_limits)
+    with trio.fail_after(30):
+        async with running_service(load_config(path), config_path=path) as service:
+            strangers = [(await service.post_event(call_event(f"stranger-{n}.vn", "c"))) for n in range(5)]
+            routed = [(await service.post_event(call_event("ok.vn", f"c{n}"))) for n in range(2)]
+            # The limits reload with the routes, and a domain that gets a route gets its own bucket.
+            write_config(
+                path,
+                nats_server.url,
+                {"ok.vn": [backend.url], "stranger-9.vn": [backend.url]},
+                ingress=limits | {"unrouted_rate_limit_per_second": 0.001, "unrouted_rate_limit_burst": 1},
+            )
+            assert (await service.client.post(f"{service.url}/api/config/reload")).status_code == 200
+            after_reload = [
+                await service.post_event(call_event("stranger-9.vn", "c")),
+                await service.post_event(call_event("stranger-10.vn", "c")),
+                await service.post_event(call_event("stranger-11.vn", "c")),
+            ]
+            await backend.wait_count(3)
+    assert [a.status_code for a in strangers] == [202, 202, 202, 429, 429]
+    assert (
+        strangers[3].json()["error"]
+        == "too many events for domains without a route (they share one limit); retry later"
+    )
+    assert int(strangers[3].headers["retry-after"]) >= 1
+    assert [a.status_code for a in routed] == [202, 202]
+    assert [a.status_code for a in after_reload] == [202, 202, 429]

@@ -10,8 +10,10 @@ import pytest
 
 from actors.log_writer import DomainLogFiles, DomainLogLine
 from pipeline.config import LoggingConfig
-from pipeline.domain_logs import domain_directory, log_files, logged_domains, read_day, sanitize_domain
+from pipeline.domain_logs import UNROUTED, domain_directory, log_files, logged_domains, read_day, sanitize_domain
 from pipeline.events import InvalidEvent
+
+ROUTED = frozenset({"ok.vn", "a_b.vn"})
 
 
 def test_sanitize_keeps_the_familiar_form():
@@ -20,16 +22,17 @@ def test_sanitize_keeps_the_familiar_form():
 
 
 @pytest.mark.parametrize(
-    "hostile", ["", "..", "../etc", "a/b", "a\\b", "a\0b", "/abs", "a b", "ü.vn", "a" * 254, ".", "~"]
+    "hostile", ["", "..", "../etc", "a/b", "a\\b", "a\0b", "/abs", "a b", "ü.vn", "a" * 254, ".", "~", "_", ".a", "a."]
 )
 def test_sanitize_rejects_what_could_escape_or_is_not_a_domain(hostile: str):
-    if hostile in ("..", "."):
-        # Valid host-like characters, but they must still become a safe name.
-        name = sanitize_domain(hostile)
-        assert name not in (".", "..") and not name.startswith(".") and "/" not in name
-        return
     with pytest.raises(InvalidEvent):
         sanitize_domain(hostile)
+
+
+def test_no_domain_is_sanitized_to_the_unrouted_directory():
+    assert sanitize_domain("_unrouted") != UNROUTED
+    with pytest.raises(InvalidEvent):
+        sanitize_domain(".unrouted")  # what once became "_unrouted"
 
 
 def test_distinct_domains_never_share_a_directory():
@@ -66,15 +69,15 @@ def all_lines(directory: Path, day: str) -> list[int]:
 
 def test_files_roll_by_size_and_day_without_dropping_or_repeating_lines(tmp_path: Path):
     files = DomainLogFiles(tmp_path, LoggingConfig(max_file_size=1000, max_backups=30, max_age_days=30))
-    files.write([line("ok.vn", "2026-01-04", n) for n in range(40)])
-    files.write([line("ok.vn", "2026-01-04", n) for n in range(40, 60)])
+    files.write([line("ok.vn", "2026-01-04", n) for n in range(40)], routed=ROUTED)
+    files.write([line("ok.vn", "2026-01-04", n) for n in range(40, 60)], routed=ROUTED)
     directory = tmp_path / "ok_vn"
     names = sorted(p.name for p in directory.iterdir())
     assert "2026-01-04.log" in names and "2026-01-04.1.log.gz" in names and ".domain" in names
     assert all(p.stat().st_size <= 1000 for p in directory.glob("*.log"))
     assert all_lines(directory, "2026-01-04") == list(range(60))
 
-    files.write([line("ok.vn", "2026-01-05", 60)])  # a new UTC day closes and compresses the old one
+    files.write([line("ok.vn", "2026-01-05", 60)], routed=ROUTED)  # a new UTC day closes and compresses the old one
     assert (directory / "2026-01-04.log.gz").exists() and not (directory / "2026-01-04.log").exists()
     assert all_lines(directory, "2026-01-04") == list(range(60))
     assert all_lines(directory, "2026-01-05") == [60]
@@ -84,18 +87,20 @@ def test_files_roll_by_size_and_day_without_dropping_or_repeating_lines(tmp_path
 def test_retention_deletes_old_days_and_keeps_at_most_max_backups(tmp_path: Path):
     files = DomainLogFiles(tmp_path, LoggingConfig(max_file_size=10**6, max_backups=3, max_age_days=5))
     for day in range(1, 9):
-        files.write([line("ok.vn", f"2026-01-{day:02d}", day)])
+        files.write([line("ok.vn", f"2026-01-{day:02d}", day)], routed=ROUTED)
     directory = tmp_path / "ok_vn"
     # Closed days 05, 06, 07 kept (3 backups), 08 open.
     assert sorted(f.day for f in log_files(directory)) == ["2026-01-05", "2026-01-06", "2026-01-07", "2026-01-08"]
-    files.write([line("ok.vn", "2026-01-20", 20)])  # days older than 5 days before the 20th go
+    files.write([line("ok.vn", "2026-01-20", 20)], routed=ROUTED)  # days older than 5 days before the 20th go
     assert sorted(f.day for f in log_files(directory)) == ["2026-01-20"]
     files.close()
 
 
 def test_a_late_line_for_a_closed_day_keeps_the_days_order(tmp_path: Path):
     files = DomainLogFiles(tmp_path, LoggingConfig())
-    files.write([line("ok.vn", "2026-01-04", 1), line("ok.vn", "2026-01-05", 2), line("ok.vn", "2026-01-04", 3)])
+    files.write(
+        [line("ok.vn", "2026-01-04", 1), line("ok.vn", "2026-01-05", 2), line("ok.vn", "2026-01-04", 3)], routed=ROUTED
+    )
     files.close()
     assert all_lines(tmp_path / "ok_vn", "2026-01-04") == [1, 3]
 
@@ -120,7 +125,7 @@ def test_read_day_pages_newest_first_over_plain_and_gzip_parts(tmp_path: Path):
         else:
             records.append(line("ok.vn", "2026-01-04", n))
     records.append(line("ok.vn", "2026-01-04", 99, msg="Forwarding event"))
-    files.write(records)
+    files.write(records, routed=ROUTED)
     files.close()
     directory = tmp_path / "ok_vn"
     assert any(f.compressed for f in log_files(directory)) and any(not f.compressed for f in log_files(directory))
@@ -148,9 +153,36 @@ def test_domain_directory_never_leaves_the_root(tmp_path: Path):
 
 def test_logged_domains_lists_days_newest_first(tmp_path: Path):
     files = DomainLogFiles(tmp_path, LoggingConfig())
-    files.write([line("a_b.vn", "2026-01-03", 1), line("a_b.vn", "2026-01-04", 2), line("ok.vn", "2026-01-04", 3)])
+    files.write(
+        [line("a_b.vn", "2026-01-03", 1), line("a_b.vn", "2026-01-04", 2), line("ok.vn", "2026-01-04", 3)],
+        routed=ROUTED,
+    )
     files.close()
     listed = {d.domain: d for d in logged_domains(tmp_path)}
     assert listed["a_b.vn"].dates == ["2026-01-04", "2026-01-03"]
     assert listed["a_b.vn"].sanitized == sanitize_domain("a_b.vn")
     assert listed["ok.vn"].sanitized == "ok_vn"
+
+
+def test_domains_without_a_route_share_the_unrouted_directory(tmp_path: Path):
+    files = DomainLogFiles(tmp_path, LoggingConfig(max_file_size=1000, max_backups=2))
+    invented = [line(f"stranger-{n}.vn", "2026-01-04", n) for n in range(60)]
+    files.write([line("ok.vn", "2026-01-04", 100), *invented], routed=ROUTED)
+    files.write([line("ok.vn", "2026-01-05", 101), line("stranger-0.vn", "2026-01-05", 61)], routed=ROUTED)
+    # The routes change: a domain that gains one gets its own directory from then on.
+    files.write([line("stranger-0.vn", "2026-01-05", 62)], routed=ROUTED | {"stranger-0.vn"})
+    files.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [UNROUTED, "ok_vn", "stranger-0_vn"]
+    unrouted = tmp_path / UNROUTED
+    assert (unrouted / ".domain").read_text() == f"{UNROUTED}\n"
+    # The usual rotation: parts rolled at max_file_size, compressed, at most max_backups kept.
+    closed = [f for f in log_files(unrouted) if f.compressed]
+    assert closed and len(closed) <= 2
+    assert all(f.path.stat().st_size <= 1000 for f in log_files(unrouted) if not f.compressed)
+    assert all_lines(unrouted, "2026-01-05") == [61]
+    assert all_lines(tmp_path / "stranger-0_vn", "2026-01-05") == [62]
+    # Each line still says which domain it was about.
+    with (unrouted / "2026-01-05.log").open() as lines:
+        assert [json.loads(raw)["domain"] for raw in lines] == ["stranger-0.vn"]
+    listed = {d.sanitized: d for d in logged_domains(tmp_path)}
+    assert listed[UNROUTED].domain == UNROUTED and listed[UNROUTED].dates == ["2026-01-05", "2026-01-04"]

@@ -51,6 +51,29 @@ def test_normalize_domain_lowercases_and_rejects_what_is_not_host_like():
             normalize_domain(bad)
 
 
+@pytest.mark.parametrize(
+    "domain",
+    ["ok.vn", "a", "1", "a-b.vn", "_sip._udp.example.com", "x_.vn", "-a-.vn", "a.b.c.d.e.f", "xn--bcher-kva.ch"],
+)
+def test_normalize_domain_accepts_every_label_with_a_letter_or_digit(domain: str):
+    assert normalize_domain(domain.upper()) == domain
+
+
+@pytest.mark.parametrize(
+    "domain", ["..", ".", "_", "-", "_-_", "a..b", ".ok.vn", "ok.vn.", "ok._.vn", "ok.-.vn", "_.__", "a.b.-"]
+)
+def test_normalize_domain_refuses_a_label_without_a_letter_or_digit(domain: str):
+    # Issue 13: strangers must not be able to spell new "domains" without end
+    # (nor name directories like "..": every label needs a letter or digit).
+    with pytest.raises(InvalidEvent, match="needs a letter or digit in every dot-separated label"):
+        normalize_domain(domain)
+
+
+def test_parse_event_refuses_a_domain_with_an_empty_label():
+    with pytest.raises(InvalidEvent, match="needs a letter or digit"):
+        parse_event(b'{"domain": "a..vn"}')
+
+
 def test_parse_event_keeps_fields_and_adds_an_event_id():
     event = {"domain": "Ok.vn", "call_id": "c-1", "nested": {"x": [1, 2.5, None]}, "name": "Nguyễn"}
     accepted = parse_event(json.dumps(event).encode())

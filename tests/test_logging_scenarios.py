@@ -14,10 +14,11 @@ import structlog
 import trio
 
 from actors.log_writer import DomainLogRouter
-from pipeline.domain_logs import log_files
+from pipeline.config import load_config
+from pipeline.domain_logs import UNROUTED, log_files
 from pipeline.log_setup import configure_logging
 from tests.conftest import StartBackend
-from tests.harness import call_event, make_config, running_service, wait_for_api
+from tests.harness import call_event, make_config, running_service, wait_for_api, write_config
 
 
 @pytest.fixture
@@ -105,6 +106,61 @@ async def test_forwarded_events_land_in_their_domains_files_and_come_back(
     assert [(f["delivery_attempt"], f["will_retry"]) for f in failures] == [(3, False), (2, True), (1, True)]
     assert failures[0]["error"] == f"{dead.url}: HTTP 503"
     assert failures[0]["event"]["call_id"] == "dead-0"
+
+
+def _logged(directory: Path) -> list[dict]:
+    lines = []
+    for log_file in log_files(directory):
+        opener = gzip.open if log_file.compressed else open
+        with opener(log_file.path, "rb") as handle:
+            lines += [json.loads(raw) for raw in handle]
+    return lines
+
+
+async def test_domains_without_a_route_share_one_log_directory_until_they_get_a_route(
+    nats_server, start_backend: StartBackend, domain_router, tmp_path: Path
+):
+    # Issue 13: every invented domain got its own directory of full payloads.
+    router, _ = domain_router
+    backend = await start_backend()
+    logs, path = tmp_path / "logs", tmp_path / "config.yaml"
+    write_config(path, nats_server.url, {"ok.vn": [backend.url]}, logging={"dir": str(logs)})
+    today = datetime.now(UTC).date().isoformat()
+    with trio.fail_after(60):
+        async with running_service(load_config(path), router, config_path=path) as service:
+            for domain in ("ok.vn", "stranger-1.vn", "stranger-2.vn"):
+                assert (await service.post_event(call_event(domain, f"{domain}-call"))).status_code == 202
+            await backend.wait_count(1)
+            # Two directories: the routed domain's and the strangers' (before the fix, one per stranger).
+            listing = await wait_for_api(service, "/api/logs/domains", lambda r: len(r.json()["domains"]) >= 2)
+            assert sorted(d["sanitized"] for d in listing.json()["domains"]) == [UNROUTED, "ok_vn"]
+            # A route for stranger-1.vn appears: its waiting event is delivered and logged in its own directory.
+            write_config(
+                path,
+                nats_server.url,
+                {"ok.vn": [backend.url], "stranger-1.vn": [backend.url]},
+                logging={"dir": str(logs)},
+            )
+            assert (await service.client.post(f"{service.url}/api/config/reload")).status_code == 200
+            await backend.wait_count(2)
+            unrouted_page = await service.client.get(f"{service.url}/api/logs", params={"domain": UNROUTED})
+
+    assert sorted(p.name for p in logs.iterdir()) == [UNROUTED, "ok_vn", "stranger-1_vn"]
+    assert {d["sanitized"]: d for d in listing.json()["domains"]}[UNROUTED] == {
+        "domain": UNROUTED,
+        "sanitized": UNROUTED,
+        "dates": [today],
+    }
+    assert unrouted_page.status_code == 200 and unrouted_page.json()["domain"] == UNROUTED
+    unrouted = _logged(logs / UNROUTED)
+    assert sorted((r["msg"], r["domain"]) for r in unrouted) == [
+        ("Event received and published", "stranger-1.vn"),
+        ("Event received and published", "stranger-2.vn"),
+    ]
+    assert unrouted[0]["payload"]["from_number"] == "0914315989"  # the full event, as in a domain's own file
+    routed_later = _logged(logs / "stranger-1_vn")
+    assert [r["msg"] for r in routed_later] == ["Forwarding event", "Event forwarded successfully"]
+    assert {r["call_id"] for r in routed_later} == {"stranger-1.vn-call"}
 
 
 async def test_logs_api_refuses_bad_requests(nats_server, tmp_path: Path):

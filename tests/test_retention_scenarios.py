@@ -13,9 +13,11 @@ from pipeline.streams import StreamSetupError
 from tests.conftest import StartBackend
 from tests.harness import (
     HANG,
+    Backend,
     call_event,
     make_config,
     running_service,
+    serve_backend,
     serve_limited_nats,
     wait_for_api,
     write_config,
@@ -77,18 +79,30 @@ async def test_delivered_events_leave_the_stream_and_unrouted_ones_wait_in_view(
     assert backlog["stream"]["messages"] == 2
 
 
-async def test_a_full_stream_refuses_new_events_and_health_says_degraded(nats_server):
-    config = make_config(nats_server.url, {}, nats={"max_bytes": 20_000})
+async def test_a_full_stream_refuses_new_events_and_health_says_degraded(nats_server, nursery: trio.Nursery):
+    # A routed domain whose backend holds every request: its events stay in the
+    # stream (in flight) until the stream is full. (Unrouted events could not
+    # fill it: they are refused at half.)
+    release = trio.Event()
+    held = Backend(release=release)
+    await nursery.start(serve_backend, held)
+    config = make_config(
+        nats_server.url,
+        {"full.vn": [held.url]},
+        nats={"max_bytes": 20_000, "ack_wait_seconds": 60},
+        forwarding={"timeout_seconds": 30},
+    )
     padding = "x" * 1000
     with trio.fail_after(60):
         async with running_service(config) as service:
             answers = []
             for n in range(40):
-                answers.append(await service.post_event(call_event(f"d{n}.vn", f"fill-{n}", note=padding)))
+                answers.append(await service.post_event(call_event("full.vn", f"fill-{n}", note=padding)))
                 if answers[-1].status_code != 202:
                     break
             health = await wait_for_api(service, "/health", lambda r: r.json()["status"] == "degraded")
             stored = (await service.client.get(f"{service.url}/api/stream/messages?limit=100")).json()
+            release.set()  # the held forwards finish, so the shutdown need not wait for them
     assert answers[-1].status_code == 503
     assert answers[-1].json()["limit"] == "stream_full"
     assert "retry-after" in answers[-1].headers
@@ -96,6 +110,59 @@ async def test_a_full_stream_refuses_new_events_and_health_says_degraded(nats_se
     assert stored["total"] == len(answers) - 1
     assert {m["data"]["call_id"] for m in stored["messages"]} == {f"fill-{n}" for n in range(len(answers) - 1)}
     assert health.status_code == 200 and "nats.max_bytes" in health.json()["reason"]
+
+
+async def test_domains_without_a_route_share_one_backlog_limit_counted_across_restarts(
+    nats_server, start_backend: StartBackend
+):
+    # Issue 13: unrouted events were bounded only per domain, so invented
+    # domains could fill the stream; now they share nats.max_unrouted_backlog.
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"ok.vn": [backend.url]}, nats={"max_unrouted_backlog": 3})
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            strangers = [await service.post_event(call_event(f"stranger-{n}.vn", f"s-{n}")) for n in range(5)]
+            assert [response.status_code for response in strangers] == [202, 202, 202, 503, 503]
+            routed = await service.post_event(call_event("ok.vn", "fine"))
+            await backend.wait_count(1)
+            stats = await wait_for_api(service, "/api/stats", lambda r: r.json()["backlog"].get("unrouted_events") == 3)
+        # A restart knows what already waits before it accepts anything.
+        async with running_service(config) as service:
+            after_restart = await service.post_event(call_event("stranger-9.vn", "s-9"))
+            waiting = (await service.client.get(f"{service.url}/api/stream/messages")).json()
+    refused = strangers[3]
+    assert refused.headers["retry-after"].isdigit()
+    assert refused.json()["limit"] == "unrouted_backlog" and refused.json()["event_id"]
+    assert "nats.max_unrouted_backlog" in refused.json()["error"]
+    assert routed.status_code == 202
+    assert stats.json()["backlog"]["unrouted_quota"] == 3
+    assert after_restart.status_code == 503 and after_restart.json()["limit"] == "unrouted_backlog"
+    assert waiting["total"] == 3
+    assert {message["data"]["call_id"] for message in waiting["messages"]} == {"s-0", "s-1", "s-2"}
+
+
+async def test_events_without_a_route_cannot_fill_the_stream_for_routed_tenants(
+    nats_server, start_backend: StartBackend
+):
+    # Large events reach nats.max_bytes long before any count limit: unrouted
+    # ones are refused once the stream is half full, so routed ones still fit.
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"ok.vn": [backend.url]}, nats={"max_bytes": 20_000})
+    padding = "x" * 1000
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            strangers = []
+            for n in range(40):
+                strangers.append(await service.post_event(call_event(f"stranger-{n}.vn", f"s-{n}", note=padding)))
+                if strangers[-1].status_code != 202:
+                    break
+            refused = strangers[-1]
+            assert refused.status_code == 503 and refused.json()["limit"] == "unrouted_backlog"
+            assert "nats.max_bytes" in refused.json()["error"]
+            assert 5 <= len(strangers) - 1 <= 10  # about half of 20,000 bytes of 1 kB events
+            routed = [await service.post_event(call_event("ok.vn", f"ok-{n}", note=padding)) for n in range(5)]
+            assert [response.status_code for response in routed] == [202] * 5
+            await backend.wait_count(5)
 
 
 async def test_the_thousand_and_first_tenant_is_delivered(nats_server, start_backend: StartBackend):

@@ -20,6 +20,7 @@ from actors.subscriber import Subscriber
 from pipeline.access import IngressAccess, admin_allows, cross_site_refusal, is_loopback
 from pipeline.config import Config
 from pipeline.nats_bridge import JetStream
+from pipeline.routes import Routes
 from web.api import register_api, service_statistics
 from web.dashboard import register_dashboard
 from web.ingress import EventIngress
@@ -74,6 +75,7 @@ def create_app(
     config_watcher: ConfigWatcher | None,
     reload_requests: trio.MemorySendChannel[ReloadRequest],
     access: AsyncValue[IngressAccess],
+    routes: AsyncValue[Routes],
     stopping: trio.Event,
     surface: Surface = "all",
 ) -> QuartTrio | EventIngress:
@@ -119,6 +121,8 @@ def create_app(
         return EventIngress(
             _with_common_handlers(app, config),
             access=access,
+            routes=routes,
+            backlog=backlog,
             publish_requests=publish_requests,
             max_body_size=int(config.server.max_body_size),
             body_timeout=SLOW_CLIENT_TIMEOUT_SECONDS,

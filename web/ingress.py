@@ -15,10 +15,12 @@ from typing import Any
 import trio
 from trio_util import AsyncValue
 
+from actors.backlog_monitor import BacklogMonitor
 from actors.ingress import PublishRequest
 from pipeline.access import DomainRateLimiter, IngressAccess
-from pipeline.events import InvalidEvent, parse_event
-from pipeline.nats_bridge import EventTooLarge, StreamRefused
+from pipeline.events import AcceptedEvent, InvalidEvent, parse_event
+from pipeline.nats_bridge import EventTooLarge, PublishReceipt, StreamRefused
+from pipeline.routes import Routes
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -33,6 +35,8 @@ ACCEPTED_CONTENT_TYPES = frozenset(
 
 # What a refused client is told to wait: backlogs drain at the endpoints' pace.
 REFUSED_RETRY_AFTER_SECONDS = 30
+# The one bucket of the shared limiter of all domains without a route.
+_UNROUTED_BUCKET = ""
 
 
 class ClientGone(Exception):
@@ -44,13 +48,20 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None, **e
 
 
 class EventIngress:
-    """ASGI app: answers POST /events itself and hands every other request to ``app``."""
+    """ASGI app: answers POST /events itself and hands every other request to ``app``.
+
+    A routed domain's events have that domain's rate limit; the events of all
+    domains without a route (as ``routes`` are now) share one, and ``backlog``
+    bounds how many of them may wait in the stream.
+    """
 
     def __init__(
         self,
         app: Callable[[Scope, Receive, Send], Awaitable[None]],
         *,
         access: AsyncValue[IngressAccess],
+        routes: AsyncValue[Routes],
+        backlog: BacklogMonitor,
         publish_requests: trio.MemorySendChannel[PublishRequest],
         max_body_size: int,
         body_timeout: float,
@@ -58,11 +69,14 @@ class EventIngress:
     ) -> None:
         self._app = app
         self._access = access
+        self._routes = routes
+        self._backlog = backlog
         self._publish_requests = publish_requests
         self._max_body_size = max_body_size
         self._body_timeout = body_timeout
         self._answer_deadline = answer_deadline
         self._limiter = DomainRateLimiter(access.value.rate_per_second, access.value.burst)
+        self._unrouted_limiter = DomainRateLimiter(access.value.unrouted_rate_per_second, access.value.unrouted_burst)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != "/events":
@@ -121,27 +135,65 @@ class EventIngress:
                 return _error(400, str(error))
             if key is not None and not key.allows(event.domain):
                 return _error(403, f"API key {key.name!r} may not post events for domain {event.domain!r}")
-            if rules.rate_per_second:
-                if (self._limiter.rate, self._limiter.burst) != (rules.rate_per_second, rules.burst):
-                    self._limiter = DomainRateLimiter(rules.rate_per_second, rules.burst)
-                wait = self._limiter.take(event.domain)
-                if wait:
-                    return _error(
-                        429,
-                        f"too many events for domain {event.domain!r}; retry later",
-                        {"Retry-After": str(math.ceil(wait))},
-                    )
-            return await self._publish(event)
+            routed = event.domain in self._routes.value
+            wait = self._rate_limit_wait(rules, event.domain, routed)
+            if wait:
+                return _error(
+                    429,
+                    f"too many events for domain {event.domain!r}; retry later"
+                    if routed
+                    else "too many events for domains without a route (they share one limit); retry later",
+                    {"Retry-After": str(math.ceil(wait))},
+                )
+            if routed:
+                return self._answer(event, await self._store(event))
+            return await self._store_unrouted(event)
         return _error(408, f"the body did not arrive within {self._body_timeout:g} s")
 
-    async def _publish(self, event) -> Answer:
+    def _rate_limit_wait(self, rules: IngressAccess, domain: str, routed: bool) -> float:
+        """0 when the event may pass its rate limit, else the seconds until it would."""
+        if routed:
+            if not rules.rate_per_second:
+                return 0.0
+            self._limiter = DomainRateLimiter.following(self._limiter, rules.rate_per_second, rules.burst)
+            return self._limiter.take(domain)
+        if not rules.unrouted_rate_per_second:
+            return 0.0
+        self._unrouted_limiter = DomainRateLimiter.following(
+            self._unrouted_limiter, rules.unrouted_rate_per_second, rules.unrouted_burst
+        )
+        return self._unrouted_limiter.take(_UNROUTED_BUCKET)
+
+    async def _store_unrouted(self, event: AcceptedEvent) -> Answer:
+        """Store an event of a domain without a route, if what such domains have waiting allows one more."""
+        size = len(event.payload)
+        refusal = self._backlog.admit_unrouted(size)
+        if refusal is not None:
+            return _error(
+                503,
+                f"event not stored: {refusal}; retry later with the same event_id",
+                {"Retry-After": str(REFUSED_RETRY_AFTER_SECONDS)},
+                event_id=event.event_id,
+                limit="unrouted_backlog",
+            )
+        outcome = await self._store(event)
+        # A publish that timed out may have stored it: the limit errs on the safe side.
+        stored = outcome is None or (isinstance(outcome, PublishReceipt) and not outcome.duplicate)
+        self._backlog.settle_unrouted(size, stored=stored)
+        return self._answer(event, outcome)
+
+    async def _store(self, event: AcceptedEvent) -> PublishReceipt | Exception | None:
+        """Have the ingress actor publish ``event``: its receipt, the error, or None if it took too long."""
         publish = PublishRequest(event)
         # A client that hangs up cancels this handler; the publish it started
         # must still finish (or time out) on its own, never half-done.
         with trio.CancelScope(shield=True), trio.move_on_after(self._answer_deadline):
             await self._publish_requests.send(publish)
             await publish.done.wait()
-        outcome = publish.outcome
+        return publish.outcome
+
+    @staticmethod
+    def _answer(event: AcceptedEvent, outcome: PublishReceipt | Exception | None) -> Answer:
         if outcome is None:
             return _error(503, "timed out storing the event; retry with the same event_id", event_id=event.event_id)
         if isinstance(outcome, EventTooLarge):

@@ -16,6 +16,8 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
 
 
 _LIMIT = _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "records per list")
+# A domain label: letters, digits, "-" and "_", with at least one letter or digit.
+_LABEL = "[A-Za-z0-9_-]*[A-Za-z0-9][A-Za-z0-9_-]*"
 _DOMAIN = _query("domain", {"type": "string"}, "only this domain")
 _TYPE = _query("type", {"type": "string", "enum": ["successful", "failed", "all"]}, "outcome type")
 _EVENT_ID = {"name": "event_id", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1}}
@@ -123,7 +125,13 @@ OPENAPI: dict[str, Any] = {
                 "type": "object",
                 "required": ["domain"],
                 "properties": {
-                    "domain": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,253}$"},
+                    "domain": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": 253,
+                        # A letter or digit in every dot-separated label (pipeline.events.normalize_domain).
+                        "pattern": f"^{_LABEL}(\\.{_LABEL})*$",
+                    },
                     "event_id": {"type": "string", "pattern": "^[!-~]{1,128}$"},
                     "call_id": {"type": "string"},
                     "direction": {"type": "string"},
