@@ -7,9 +7,10 @@ Run from the project root (needs py-spy: `pip install py-spy`; wrk as for bench/
     python bench/profile.py --ingest   # POST /events only, no route
 
 Samples only while the service holds the GIL (py-spy --gil), so waiting is not
-counted. Prints the CPU per event and the share of samples by part of the
-pipeline, then the functions most often on the stack; keeps py-spy's raw
-stacks in bench/results/profile-<date>.txt.
+counted. Prints the CPU per event (the service's and its nats-server's: py-spy
+samples the service only), the share of samples by part of the pipeline, then
+the functions most often on the stack; keeps py-spy's raw stacks in
+bench/results/profile-<date>.txt.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
-from run import HERE, cpu_seconds, ensure_wrk, start_service, start_sink, stop, wrk
+from proctree import CpuMeter
+from run import HERE, ensure_wrk, start_service, start_sink, stop, wrk
 
 DOMAIN = "bench.example.vn"
 # Each stack is counted once, for the first part whose marker it contains.
@@ -84,7 +86,7 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        cpu_before = cpu_seconds(service.pid)
+        meter = CpuMeter(service.pid)
         if args.rate:
             out = subprocess.run(
                 [sys.executable, str(HERE / "paced.py"), service.url, str(args.rate), str(args.seconds), DOMAIN],
@@ -96,7 +98,7 @@ def main() -> None:
         else:
             load = wrk(f"{service.url}/events", args.seconds, [DOMAIN])
             accepted = load["requests"] - load["errors"]
-        cpu = cpu_seconds(service.pid) - cpu_before
+        cpu = meter.used()
         for sink in sinks:
             sink.poll()
         spy.wait()
@@ -118,7 +120,8 @@ def main() -> None:
                 functions[function] += samples
     forwarded = min(sink.received for sink in sinks)
     print(f"accepted {accepted} events in {args.seconds} s, forwarded {forwarded} to both sinks")
-    print(f"service CPU {cpu:.2f} s: {cpu / max(accepted, 1) * 1000:.2f} ms per accepted event")
+    for name, seconds in cpu.items():
+        print(f"{name} CPU {seconds:.2f} s: {seconds / max(accepted, 1) * 1000:.2f} ms per accepted event")
     print(f"\nshare of {total} samples by part of the pipeline")
     for name, samples in parts.most_common():
         print(f"{100 * samples / total:5.1f} %  {name}")
