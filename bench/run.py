@@ -4,8 +4,10 @@ Run from the project root (wrk from Debian's package: found on the PATH, or inst
 
     python bench/run.py                 # every scenario, 10 s each
     python bench/run.py --seconds 20 --memory-events 1000000
+    python bench/run.py --service-config 'forwarding: {max_in_flight_per_domain: 32}'
 
-Prints a table and writes it as JSON to bench/results/. Every process runs on
+``--service-config`` merges YAML into the service's configuration (mappings key
+by key). Prints a table and writes it as JSON to bench/results/. Every process runs on
 this machine over loopback: wrk or bench/paced.py → the service (embedded NATS)
 → bench/sink.py webhook sinks.
 """
@@ -28,6 +30,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
 TICKS = os.sysconf("SC_CLK_TCK")
 EVENT = (
@@ -42,9 +46,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 60) -> None:
+def wait_http(
+    url: str, timeout: float = 60, process: subprocess.Popen | None = None, errors: Path | None = None
+) -> None:
+    """Wait for ``url`` to answer; fail at once, with its last error line, if ``process`` exits first."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
+        if process is not None and process.poll() is not None:
+            last = errors.read_text().strip().splitlines()[-1:] if errors else []
+            raise SystemExit(f"{url}: the process exited ({process.returncode}) before answering. {' '.join(last)}")
         try:
             urllib.request.urlopen(url, timeout=1)
             return
@@ -162,25 +172,42 @@ class Service:
         return self.process.pid
 
 
-def start_service(work: Path, routes: dict[str, list[str]], processes: list, extra: str = "") -> Service:
+def merged(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` laid over it: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merged(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def service_config(work: Path, port: int, routes: dict[str, list[str]], extra: dict) -> dict:
+    config = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "nats": {"url": "embedded", "data_dir": str(work / "nats")},
+        "logging": {"dir": str(work / "logs")},
+        # Capacity is what is measured: no rate limit in the way (ingest_only posts to an unrouted domain).
+        "ingress": {"rate_limit_per_second": 0, "unrouted_rate_limit_per_second": 0},
+        "routes": [{"domain": domain, "endpoints": endpoints} for domain, endpoints in routes.items()],
+    }
+    return merged(config, extra)
+
+
+def start_service(work: Path, routes: dict[str, list[str]], processes: list, extra: dict | None = None) -> Service:
+    """The service on a fresh port and data directory, with ``extra`` (YAML's mapping) merged into its config."""
     work.mkdir(parents=True)
     port = free_port()
-    lines = [f"server: {{host: 127.0.0.1, port: {port}}}", f"nats: {{url: embedded, data_dir: '{work / 'nats'}'}}"]
-    lines.append(f"logging: {{dir: '{work / 'logs'}'}}")
-    # Capacity is what is measured: no rate limit in the way (ingest_only posts to an unrouted domain).
-    lines.append("ingress: {rate_limit_per_second: 0, unrouted_rate_limit_per_second: 0}")
-    lines.append("routes:" + ("" if routes else " []"))
-    for domain, endpoints in routes.items():
-        lines.append(f"  - {{domain: {domain}, endpoints: [{', '.join(endpoints)}]}}")
-    (work / "config.yaml").write_text("\n".join(lines) + "\n" + extra)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "-config", str(work / "config.yaml")],
-        cwd=work,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    config = service_config(work, port, routes, extra or {})
+    (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    errors = work / "service-stderr.txt"
+    with errors.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "-config", str(work / "config.yaml")],
+            cwd=work,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     processes.append(process)
-    wait_http(f"http://127.0.0.1:{port}/health")
+    wait_http(f"http://127.0.0.1:{port}/health", process=process, errors=errors)
     return Service(process, f"http://127.0.0.1:{port}")
 
 
@@ -204,10 +231,10 @@ def drain(sinks: list[Sink], expected: int, timeout: float = 120) -> float:
     return float("nan")
 
 
-def max_rate(work: Path, seconds: float, domains: int, processes: list) -> dict:
+def max_rate(work: Path, seconds: float, domains: int, processes: list, extra: dict) -> dict:
     sinks = [start_sink(processes), start_sink(processes)]
     names = ["bench.example.vn"] if domains == 1 else [f"tenant-{n}.example.vn" for n in range(domains)]
-    service = start_service(work, {name: [s.url for s in sinks] for name in names}, processes)
+    service = start_service(work, {name: [s.url for s in sinks] for name in names}, processes, extra)
     cpu_before, started = cpu_seconds(service.pid), time.monotonic()
     load = wrk(f"{service.url}/events", seconds, names)
     load_ended = time.monotonic()
@@ -233,7 +260,9 @@ def max_rate(work: Path, seconds: float, domains: int, processes: list) -> dict:
     return result
 
 
-def fixed_rate(work: Path, seconds: float, rate: float, domains: int, processes: list, hanging: bool = False) -> dict:
+def fixed_rate(
+    work: Path, seconds: float, rate: float, domains: int, processes: list, extra: dict, hanging: bool = False
+) -> dict:
     sinks = [start_sink(processes), start_sink(processes)]
     names = [f"tenant-{n}.example.vn" for n in range(domains)]
     routes = {name: [s.url for s in sinks] for name in names}
@@ -242,7 +271,7 @@ def fixed_rate(work: Path, seconds: float, rate: float, domains: int, processes:
         stuck = start_sink(processes, hang=True)
         routes["stuck.example.vn"] = [stuck.url]
         load_domains.append("stuck.example.vn")
-    service = start_service(work, routes, processes)
+    service = start_service(work, routes, processes, extra)
     cpu_before = cpu_seconds(service.pid)
     out = subprocess.run(
         [sys.executable, str(HERE / "paced.py"), service.url, str(rate), str(seconds), ",".join(load_domains)],
@@ -274,10 +303,10 @@ def fixed_rate(work: Path, seconds: float, rate: float, domains: int, processes:
     return result
 
 
-def memory(work: Path, events: int, processes: list) -> dict:
+def memory(work: Path, events: int, processes: list, extra: dict) -> dict:
     sinks = [start_sink(processes), start_sink(processes)]
     names = [f"tenant-{n}.example.vn" for n in range(50)]
-    service = start_service(work, {name: [s.url for s in sinks] for name in names}, processes)
+    service = start_service(work, {name: [s.url for s in sinks] for name in names}, processes, extra)
     samples = []
     sent = 0
     while sent < events:
@@ -301,13 +330,25 @@ def memory(work: Path, events: int, processes: list) -> dict:
     return result
 
 
+def yaml_mapping(parser: argparse.ArgumentParser, option: str, text: str) -> dict:
+    try:
+        found = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        parser.error(f"{option} {text!r}: not YAML: {error}")
+    if not isinstance(found, dict):
+        parser.error(f"{option} {text!r}: not a YAML mapping (e.g. 'forwarding: {{max_in_flight_per_domain: 32}}')")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rate", type=float, default=300)
     parser.add_argument("--memory-events", type=int, default=0, help="also run the memory scenario (e.g. 1000000)")
     parser.add_argument("--only", nargs="*", help="scenario names to run")
+    parser.add_argument("--service-config", metavar="YAML", help="merged into every run's service config")
     args = parser.parse_args()
+    extra = yaml_mapping(parser, "--service-config", args.service_config) if args.service_config else {}
     ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="tf-bench-"))
     processes: list[subprocess.Popen] = []
@@ -331,22 +372,22 @@ def main() -> None:
             results["baseline"] = wrk(f"http://127.0.0.1:{port}/events", args.seconds, ["bench.example.vn"])
             stop(baseline)
         if want("ingest_only"):
-            service = start_service(work / "ingest", {}, processes)
+            service = start_service(work / "ingest", {}, processes, extra)
             results["ingest_only"] = wrk(f"{service.url}/events", args.seconds, ["unrouted.example.vn"])
             stop(service.process)
         if want("full_1x2"):
-            results["full_1x2"] = max_rate(work / "full1", args.seconds, 1, processes)
+            results["full_1x2"] = max_rate(work / "full1", args.seconds, 1, processes, extra)
         if want("full_200x2"):
-            results["full_200x2"] = max_rate(work / "full200", args.seconds, 200, processes)
+            results["full_200x2"] = max_rate(work / "full200", args.seconds, 200, processes, extra)
         if want("fixed_rate"):
-            results["fixed_rate"] = fixed_rate(work / "fixed", args.seconds, args.rate, 1, processes)
+            results["fixed_rate"] = fixed_rate(work / "fixed", args.seconds, args.rate, 1, processes, extra)
         if want("isolation"):
-            results["isolation_without_hang"] = fixed_rate(work / "iso0", args.seconds, args.rate, 20, processes)
+            results["isolation_without_hang"] = fixed_rate(work / "iso0", args.seconds, args.rate, 20, processes, extra)
             results["isolation_with_hang"] = fixed_rate(
-                work / "iso1", args.seconds, args.rate, 20, processes, hanging=True
+                work / "iso1", args.seconds, args.rate, 20, processes, extra, hanging=True
             )
         if args.memory_events:
-            results["memory"] = memory(work / "memory", args.memory_events, processes)
+            results["memory"] = memory(work / "memory", args.memory_events, processes, extra)
     finally:
         for process in processes:
             stop(process)
@@ -365,7 +406,12 @@ def main() -> None:
             results["isolation_with_hang"]["e2e_p99_ms"] / results["isolation_without_hang"]["e2e_p99_ms"] - 1, 3
         )
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
-    record = {"date": stamp, "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]), "results": results}
+    record = {
+        "date": stamp,
+        "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
+        "service_config": args.service_config or "",
+        "results": results,
+    }
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / f"{stamp}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(table(results))
