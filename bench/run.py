@@ -2,14 +2,30 @@
 
 Run from the project root (wrk from Debian's package: found on the PATH, or installed with apt-get):
 
-    python bench/run.py                 # every scenario, 10 s each
+    python bench/run.py                 # every scenario 3 times, 10 s each
+    python bench/run.py --runs 5 --only baseline full_1x2
     python bench/run.py --seconds 20 --memory-events 1000000
     python bench/run.py --service-config 'forwarding: {max_in_flight_per_domain: 32}'
+    python bench/run.py --ab 'forwarding: {max_in_flight_per_domain: 32}' \
+                             'forwarding: {max_in_flight_per_domain: 64}'
 
-``--service-config`` merges YAML into the service's configuration (mappings key
-by key). Prints a table and writes it as JSON to bench/results/. Every process runs on
-this machine over loopback: wrk or bench/paced.py → the service (embedded NATS)
-→ bench/sink.py webhook sinks.
+Every selected scenario runs ``--runs`` times, in rounds (each round runs every
+scenario once), so a slow minute of the machine does not land on one scenario
+only. Each number printed is the median of the runs and their spread,
+``1,436 (1,311–1,507)``; ratios to the baseline are taken run by run against the
+baseline of the same round. CPU and peak RSS are the service's whole process
+tree: the service itself and its embedded nats-server, each on its own line
+and summed. A target counts as met only when every run meets it.
+
+``--service-config`` merges YAML into every run's service configuration.
+``--ab`` runs each scenario with A's and then B's YAML merged in (the order
+alternating from round to round) and prints both columns with the ratio of
+their medians; the scenarios that run no service (baseline, sink ceiling) run
+once per round and are shared by both columns.
+
+Prints the tables and the verdicts, and writes every run's raw numbers as
+JSON to bench/results/. Every process runs on this machine over loopback: wrk
+or bench/paced.py → the service (embedded NATS) → bench/sink.py webhook sinks.
 """
 
 from __future__ import annotations
@@ -26,18 +42,22 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import proctree
+import report
 import yaml
 
 HERE = Path(__file__).resolve().parent
-TICKS = os.sysconf("SC_CLK_TCK")
 EVENT = (
     '{"call_id":"c1","domain":"%s","direction":"inbound","state":"missed",'
     '"status":"busy-line","from_number":"0914315989"}'
 )
+SCENARIOS = ("sink_ceiling", "baseline", "ingest_only", "full_1x2", "full_200x2", "fixed_rate", "isolation")
+# They start no service: run once per round, the same runs in both columns of an A/B.
+WITHOUT_SERVICE = ("sink_ceiling", "baseline")
 
 
 def free_port() -> int:
@@ -63,18 +83,6 @@ def wait_http(
         except OSError:
             time.sleep(0.1)
     raise SystemExit(f"{url} did not answer within {timeout} s")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def memory_mb(pid: int, key: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -231,11 +239,35 @@ def drain(sinks: list[Sink], expected: int, timeout: float = 120) -> float:
     return float("nan")
 
 
+def tree_figures(service: Service, meter: proctree.CpuMeter, events: int) -> dict:
+    """CPU per 1,000 events since ``meter`` started and peak RSS: service, nats-server and both."""
+    cpu = meter.used()
+    peak = proctree.memory_mb(service.pid, "VmHWM")
+    figures: dict = {"cpu_s": cpu}
+    for suffix, seconds, mb in (
+        ("service", cpu["service"], peak["service"]),
+        ("nats", cpu["nats-server"], peak["nats-server"]),
+        ("total", sum(cpu.values()), sum(peak.values())),
+    ):
+        figures[f"cpu_s_per_1000_events_{suffix}"] = round(seconds / max(events, 1) * 1000, 3)
+        figures[f"peak_rss_mb_{suffix}"] = round(mb, 1)
+    return figures
+
+
+def ingest_only(work: Path, seconds: float, processes: list, extra: dict) -> dict:
+    service = start_service(work, {}, processes, extra)
+    meter = proctree.CpuMeter(service.pid)
+    result = wrk(f"{service.url}/events", seconds, ["unrouted.example.vn"])
+    result |= tree_figures(service, meter, result["requests"] - result["errors"])
+    stop(service.process)
+    return result
+
+
 def max_rate(work: Path, seconds: float, domains: int, processes: list, extra: dict) -> dict:
     sinks = [start_sink(processes), start_sink(processes)]
     names = ["bench.example.vn"] if domains == 1 else [f"tenant-{n}.example.vn" for n in range(domains)]
     service = start_service(work, {name: [s.url for s in sinks] for name in names}, processes, extra)
-    cpu_before, started = cpu_seconds(service.pid), time.monotonic()
+    meter, started = proctree.CpuMeter(service.pid), time.monotonic()
     load = wrk(f"{service.url}/events", seconds, names)
     load_ended = time.monotonic()
     for sink in sinks:
@@ -243,16 +275,15 @@ def max_rate(work: Path, seconds: float, domains: int, processes: list, extra: d
     backlog_at_end = load["requests"] - load["errors"] - min(s.received for s in sinks)
     accepted = load["requests"] - load["errors"]
     done = drain(sinks, accepted)
-    cpu = cpu_seconds(service.pid) - cpu_before
     result = {
         "accepted_per_s": load["requests_per_s"],
         "errors": load["errors"],
         "post_p99_ms": load["post_p99_ms"],
-        "forwarded_per_s": round(min(s.received for s in sinks) / (done - started), 1),
+        # None: the sinks did not get every accepted event within drain's timeout.
+        "forwarded_per_s": round(min(s.received for s in sinks) / (done - started), 1) if done == done else None,
         "forwarded_during_load_per_s": round((accepted - backlog_at_end) / (load_ended - started), 1),
         "backlog_at_end_of_load": backlog_at_end,
-        "cpu_s_per_1000_events": round(cpu / max(accepted, 1) * 1000, 3),
-        "peak_rss_mb": round(memory_mb(service.pid, "VmHWM"), 1),
+        **tree_figures(service, meter, accepted),
     }
     stop(service.process)
     for sink in sinks:
@@ -272,7 +303,7 @@ def fixed_rate(
         routes["stuck.example.vn"] = [stuck.url]
         load_domains.append("stuck.example.vn")
     service = start_service(work, routes, processes, extra)
-    cpu_before = cpu_seconds(service.pid)
+    meter = proctree.CpuMeter(service.pid)
     out = subprocess.run(
         [sys.executable, str(HERE / "paced.py"), service.url, str(rate), str(seconds), ",".join(load_domains)],
         capture_output=True,
@@ -282,20 +313,22 @@ def fixed_rate(
     paced = json.loads(out)
     healthy = paced["accepted"] - (paced["accepted"] // len(load_domains) if hanging else 0)
     drain(sinks, healthy - 1, timeout=30)
-    cpu = cpu_seconds(service.pid) - cpu_before
     latencies = sinks[0].latencies + sinks[1].latencies
+    delivered = min(s.received for s in sinks)
     result = {
         "rate": rate,
         "sent": paced["sent"],
         "accepted": paced["accepted"],
         "statuses": paced["statuses"],
+        "accepted_per_s": round(rate * paced["accepted"] / max(paced["sent"], 1), 1),
+        # The events that reached the sinks, per second of the schedule.
+        "delivered_per_s": round(rate * delivered / max(paced["accepted"], 1), 1),
         "post_p99_ms": round(paced["post_p99_ms"], 2),
         "e2e_p50_ms": percentile(latencies, 0.50),
         "e2e_p90_ms": percentile(latencies, 0.90),
         "e2e_p99_ms": percentile(latencies, 0.99),
-        "delivered": min(s.received for s in sinks),
-        "cpu_s_per_1000_events": round(cpu / max(paced["accepted"], 1) * 1000, 3),
-        "peak_rss_mb": round(memory_mb(service.pid, "VmHWM"), 1),
+        "delivered": delivered,
+        **tree_figures(service, meter, paced["accepted"]),
     }
     stop(service.process)
     for process in processes:
@@ -315,19 +348,70 @@ def memory(work: Path, events: int, processes: list, extra: dict) -> dict:
         # Each round is forwarded before the next starts, so what is measured
         # is the service after N events, not a backlog waiting in JetStream.
         drain(sinks, sent, timeout=600)
-        samples.append((sent, round(memory_mb(service.pid, "VmRSS"), 1)))
-    half = next(rss for count, rss in samples if count >= events / 2)
+        rss = proctree.memory_mb(service.pid, "VmRSS")
+        samples.append((sent, round(sum(rss.values()), 1), rss["service"], rss["nats-server"]))
+    half = next(total for count, total, _, _ in samples if count >= events / 2)
+    rss = proctree.memory_mb(service.pid, "VmRSS")
+    peak = proctree.memory_mb(service.pid, "VmHWM")
     result = {
         "events": sent,
         "rss_at_half_mb": half,
-        "rss_at_end_mb": round(memory_mb(service.pid, "VmRSS"), 1),
-        "peak_rss_mb": round(memory_mb(service.pid, "VmHWM"), 1),
+        "rss_at_end_mb": round(sum(rss.values()), 1),
+        "rss_at_end_mb_service": rss["service"],
+        "rss_at_end_mb_nats": rss["nats-server"],
+        "peak_rss_mb_service": peak["service"],
+        "peak_rss_mb_nats": peak["nats-server"],
+        "peak_rss_mb_total": round(sum(peak.values()), 1),
+        # (events so far, RSS of service + nats-server, of the service, of nats-server)
         "rss_mb_by_events": samples,
     }
     stop(service.process)
     for sink in sinks:
         stop(sink.process)
     return result
+
+
+def run_scenario(name: str, work: Path, args: argparse.Namespace, processes: list, extra: dict) -> dict[str, dict]:
+    """One run of one scenario (isolation is two: without and with the hanging domain)."""
+    if name == "sink_ceiling":
+        sink = start_sink(processes)
+        result = wrk(sink.url, args.seconds, ["bench.example.vn"])
+        stop(sink.process)
+        return {name: result}
+    if name == "baseline":
+        port = free_port()
+        baseline = subprocess.Popen(
+            [sys.executable, str(HERE / "baseline_app.py"), str(port)], stderr=subprocess.DEVNULL
+        )
+        processes.append(baseline)
+        wait_http(f"http://127.0.0.1:{port}/", process=baseline)
+        result = wrk(f"http://127.0.0.1:{port}/events", args.seconds, ["bench.example.vn"])
+        stop(baseline)
+        return {name: result}
+    if name == "ingest_only":
+        return {name: ingest_only(work, args.seconds, processes, extra)}
+    if name in ("full_1x2", "full_200x2"):
+        return {name: max_rate(work, args.seconds, 1 if name == "full_1x2" else 200, processes, extra)}
+    if name == "fixed_rate":
+        return {name: fixed_rate(work, args.seconds, args.rate, 1, processes, extra)}
+    if name == "isolation":
+        return {
+            "isolation_without_hang": fixed_rate(work / "without", args.seconds, args.rate, 20, processes, extra),
+            "isolation_with_hang": fixed_rate(work / "with", args.seconds, args.rate, 20, processes, extra, True),
+        }
+    if name == "memory":
+        return {name: memory(work, args.memory_events, processes, extra)}
+    raise ValueError(name)
+
+
+@dataclass
+class Variant:
+    """One service configuration under test: the YAML merged into every run's config, and its runs."""
+
+    label: str
+    yaml: str
+    extra: dict
+    results: report.Results = field(default_factory=dict)
 
 
 def yaml_mapping(parser: argparse.ArgumentParser, option: str, text: str) -> dict:
@@ -340,124 +424,136 @@ def yaml_mapping(parser: argparse.ArgumentParser, option: str, text: str) -> dic
     return found
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--rate", type=float, default=300)
-    parser.add_argument("--memory-events", type=int, default=0, help="also run the memory scenario (e.g. 1000000)")
-    parser.add_argument("--only", nargs="*", help="scenario names to run")
-    parser.add_argument("--service-config", metavar="YAML", help="merged into every run's service config")
-    args = parser.parse_args()
-    extra = yaml_mapping(parser, "--service-config", args.service_config) if args.service_config else {}
-    ensure_wrk()
+def with_pairings(results: report.Results) -> None:
+    """Ratios taken run by run: each against the baseline of its own round, isolation with its pair."""
+    baseline = results.get("baseline", [])
+    for run in baseline:
+        run["ratio_to_baseline"] = 1.0
+    for name, figure in (
+        ("ingest_only", "requests_per_s"),
+        ("full_1x2", "forwarded_during_load_per_s"),
+        ("full_200x2", "forwarded_during_load_per_s"),
+    ):
+        if baseline and name in results:
+            for run, base in zip(results[name], baseline, strict=True):
+                run["ratio_to_baseline"] = round(run[figure] / base["requests_per_s"], 3)
+                run["baseline_requests_per_s"] = base["requests_per_s"]
+    pairs = zip(results.get("isolation_with_hang", []), results.get("isolation_without_hang", []), strict=True)
+    for with_hang, without in pairs:
+        if with_hang["e2e_p99_ms"] is not None and without["e2e_p99_ms"]:
+            with_hang["p99_without_hang_ms"] = without["e2e_p99_ms"]
+            with_hang["p99_increase"] = round(with_hang["e2e_p99_ms"] / without["e2e_p99_ms"] - 1, 3)
+
+
+class Record:
+    """The JSON file of one invocation: every run's raw numbers, saved after each run (so a
+    run that fails halfway keeps what it measured, with ``complete: false``)."""
+
+    def __init__(self, args: argparse.Namespace, variants: list[Variant]) -> None:
+        self.began = time.monotonic()
+        self.date = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
+        self.path = HERE / "results" / f"{self.date}.json"
+        self.variants = variants
+        self.head = {
+            "date": self.date,
+            "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
+            "runs": args.runs,
+            "seconds": args.seconds,
+            "rate": args.rate,
+            "cpus": os.cpu_count(),
+            "load_average_at_start": [round(load, 2) for load in os.getloadavg()],
+        }
+
+    def save(self, complete: bool = False) -> None:
+        record = self.head | {
+            "complete": complete,
+            "load_average_now": [round(load, 2) for load in os.getloadavg()],
+            "minutes": round((time.monotonic() - self.began) / 60, 1),
+            "variants": [
+                {"label": variant.label, "service_config": variant.yaml, "results": variant.results}
+                | ({"verdicts": [asdict(v) for v in report.verdicts(variant.results)]} if complete else {})
+                for variant in self.variants
+            ],
+        }
+        self.path.parent.mkdir(exist_ok=True)
+        self.path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def run_rounds(args: argparse.Namespace, variants: list[Variant], selected: list[str], record: Record) -> None:
+    """Round after round, every selected scenario once per variant (A/B order alternating)."""
     work = Path(tempfile.mkdtemp(prefix="tf-bench-"))
     processes: list[subprocess.Popen] = []
-    results: dict[str, dict] = {}
-
-    def want(name: str) -> bool:
-        return not args.only or name in args.only
-
     try:
-        if want("sink_ceiling"):
-            sink = start_sink(processes)
-            results["sink_ceiling"] = wrk(sink.url, args.seconds, ["bench.example.vn"])
-            stop(sink.process)
-        if want("baseline"):
-            port = free_port()
-            baseline = subprocess.Popen(
-                [sys.executable, str(HERE / "baseline_app.py"), str(port)], stderr=subprocess.DEVNULL
-            )
-            processes.append(baseline)
-            wait_http(f"http://127.0.0.1:{port}/")
-            results["baseline"] = wrk(f"http://127.0.0.1:{port}/events", args.seconds, ["bench.example.vn"])
-            stop(baseline)
-        if want("ingest_only"):
-            service = start_service(work / "ingest", {}, processes, extra)
-            results["ingest_only"] = wrk(f"{service.url}/events", args.seconds, ["unrouted.example.vn"])
-            stop(service.process)
-        if want("full_1x2"):
-            results["full_1x2"] = max_rate(work / "full1", args.seconds, 1, processes, extra)
-        if want("full_200x2"):
-            results["full_200x2"] = max_rate(work / "full200", args.seconds, 200, processes, extra)
-        if want("fixed_rate"):
-            results["fixed_rate"] = fixed_rate(work / "fixed", args.seconds, args.rate, 1, processes, extra)
-        if want("isolation"):
-            results["isolation_without_hang"] = fixed_rate(work / "iso0", args.seconds, args.rate, 20, processes, extra)
-            results["isolation_with_hang"] = fixed_rate(
-                work / "iso1", args.seconds, args.rate, 20, processes, extra, hanging=True
-            )
-        if args.memory_events:
-            results["memory"] = memory(work / "memory", args.memory_events, processes, extra)
+        for round_ in range(args.runs):
+            for name in selected:
+                # A then B in odd rounds, B then A in even ones: neither side always runs second.
+                order = variants[:1] if name in WITHOUT_SERVICE else variants[:: 1 if round_ % 2 == 0 else -1]
+                for variant in order:
+                    tag = f"r{round_ + 1}-{name}" + (f"-{'AB'[variants.index(variant)]}" if len(order) > 1 else "")
+                    stamp = {"round": round_ + 1, "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
+                    stamp["load_average_1min"] = round(os.getloadavg()[0], 2)
+                    found = run_scenario(name, work / tag, args, processes, variant.extra)
+                    shutil.rmtree(work / tag, ignore_errors=True)
+                    for result_name, result in found.items():
+                        for target in variants if name in WITHOUT_SERVICE else [variant]:
+                            target.results.setdefault(result_name, []).append(stamp | result)
+                    record.save()
+                    print(f"[{time.monotonic() - record.began:5.0f} s] {tag} done", file=sys.stderr, flush=True)
     finally:
         for process in processes:
             stop(process)
         shutil.rmtree(work, ignore_errors=True)
 
-    base = results.get("baseline", {}).get("requests_per_s")
-    if base:
-        for name in ("ingest_only",):
-            if name in results:
-                results[name]["ratio_to_baseline"] = round(results[name]["requests_per_s"] / base, 3)
-        for name in ("full_1x2", "full_200x2"):
-            if name in results:
-                results[name]["ratio_to_baseline"] = round(results[name]["forwarded_during_load_per_s"] / base, 3)
-    if "isolation_with_hang" in results and results["isolation_without_hang"]["e2e_p99_ms"]:
-        results["isolation_with_hang"]["p99_increase"] = round(
-            results["isolation_with_hang"]["e2e_p99_ms"] / results["isolation_without_hang"]["e2e_p99_ms"] - 1, 3
-        )
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
-    record = {
-        "date": stamp,
-        "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
-        "service_config": args.service_config or "",
-        "results": results,
-    }
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / f"{stamp}.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(table(results))
-    print(f"\nJSON: {(HERE / 'results' / f'{stamp}.json').relative_to(HERE.parent)}")
+
+def print_report(args: argparse.Namespace, variants: list[Variant], record: Record) -> None:
+    print(f"{args.runs} runs of each scenario: median (min–max)\n")
+    if len(variants) == 2:
+        print(report.ab_table(variants[0].results, variants[1].results, (variants[0].label, variants[1].label)))
+        print("\n(baseline and sink_ceiling start no service: the same runs in both columns)")
+    else:
+        print(report.table(variants[0].results))
+        print("\nThe service's process tree:\n")
+        print(report.process_table(variants[0].results))
+        if "memory" in variants[0].results:
+            print("\n" + report.memory_lines(variants[0].results))
+    for variant in variants:
+        if found := report.verdicts(variant.results):
+            print(f"\nTargets ({variant.label}):\n")
+            print(report.verdict_table(found))
+    print(f"\nJSON: {record.path.relative_to(HERE.parent)}")
 
 
-def table(results: dict[str, dict]) -> str:
-    """The results as a Markdown table (what bench/RESULTS.md quotes)."""
-
-    def number(value: float | None, digits: int = 1) -> str:
-        return "" if value is None else f"{value:,.{digits}f}"
-
-    rows = [
-        "| scenario | accepted/s | forwarded/s | ratio to baseline | POST p99 ms | e2e p50 / p90 / p99 ms "
-        "| CPU s per 1,000 events | peak RSS MB | backlog at end |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        if name == "memory":
-            continue
-        e2e = " / ".join(number(r.get(k)) for k in ("e2e_p50_ms", "e2e_p90_ms", "e2e_p99_ms")) if "rate" in r else ""
-        if "p99_increase" in r:
-            e2e += f" ({r['p99_increase']:+.1%} p99)"
-        accepted = r.get("accepted_per_s", r.get("requests_per_s", r.get("rate")))
-        forwarded = r.get("forwarded_during_load_per_s")
-        if "delivered" in r:  # paced: the events that reached the sinks, per second of the schedule
-            forwarded = r["rate"] * r["delivered"] / max(r["accepted"], 1)
-        cells = [
-            name,
-            number(accepted),
-            number(forwarded),
-            number(r.get("ratio_to_baseline", 1.0 if name == "baseline" else None), 3),
-            number(r.get("post_p99_ms")),
-            e2e,
-            number(r.get("cpu_s_per_1000_events"), 2),
-            number(r.get("peak_rss_mb")),
-            str(r.get("backlog_at_end_of_load", "")),
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--rate", type=float, default=300)
+    parser.add_argument("--runs", type=int, default=3, help="runs of every scenario (default 3)")
+    parser.add_argument("--memory-events", type=int, default=0, help="also run the memory scenario (e.g. 1000000)")
+    parser.add_argument("--only", nargs="*", choices=SCENARIOS, help="scenario names to run")
+    parser.add_argument("--service-config", metavar="YAML", help="merged into every run's service config")
+    parser.add_argument("--ab", nargs=2, metavar=("A", "B"), help="YAML for side A and side B, run alternately")
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    common = yaml_mapping(parser, "--service-config", args.service_config) if args.service_config else {}
+    if args.ab:
+        sides = [yaml_mapping(parser, "--ab", text) for text in args.ab]
+        variants = [
+            Variant(f"{side}: {text}", text, merged(common, extra))
+            for side, text, extra in zip("AB", args.ab, sides, strict=True)
         ]
-        rows.append("| " + " | ".join(cells) + " |")
-    if "memory" in results:
-        m = results["memory"]
-        rows.append(
-            f"\nMemory: {m['events']:,} events over 50 domains x 2 endpoints; RSS {m['rss_at_half_mb']} MB at half, "
-            f"{m['rss_at_end_mb']} MB at the end, peak {m['peak_rss_mb']} MB."
-        )
-    return "\n".join(rows)
+    else:
+        variants = [Variant(args.service_config or "as shipped", args.service_config or "", common)]
+    selected = [name for name in SCENARIOS if not args.only or name in args.only]
+    if args.memory_events:
+        selected.append("memory")
+    ensure_wrk()
+    record = Record(args, variants)
+    run_rounds(args, variants, selected, record)
+    for variant in variants:
+        with_pairings(variant.results)
+    record.save(complete=True)
+    print_report(args, variants, record)
 
 
 if __name__ == "__main__":
