@@ -25,8 +25,8 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
+from harness import HERE, ensure_wrk, start_service, start_sink, stop, wrk
 from proctree import CpuMeter
-from run import HERE, ensure_wrk, start_service, start_sink, stop, wrk
 
 DOMAIN = "bench.example.vn"
 # Each stack is counted once, for the first part whose marker it contains.

@@ -33,15 +33,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,194 +45,24 @@ from pathlib import Path
 import proctree
 import report
 import yaml
-
-HERE = Path(__file__).resolve().parent
-EVENT = (
-    '{"call_id":"c1","domain":"%s","direction":"inbound","state":"missed",'
-    '"status":"busy-line","from_number":"0914315989"}'
+from harness import (
+    HERE,
+    Service,
+    drain,
+    ensure_wrk,
+    free_port,
+    merged,
+    percentile,
+    start_service,
+    start_sink,
+    stop,
+    wait_http,
+    wrk,
 )
+
 SCENARIOS = ("sink_ceiling", "baseline", "ingest_only", "full_1x2", "full_200x2", "fixed_rate", "isolation")
 # They start no service: run once per round, the same runs in both columns of an A/B.
 WITHOUT_SERVICE = ("sink_ceiling", "baseline")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(
-    url: str, timeout: float = 60, process: subprocess.Popen | None = None, errors: Path | None = None
-) -> None:
-    """Wait for ``url`` to answer; fail at once, with its last error line, if ``process`` exits first."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if process is not None and process.poll() is not None:
-            last = errors.read_text().strip().splitlines()[-1:] if errors else []
-            raise SystemExit(f"{url}: the process exited ({process.returncode}) before answering. {' '.join(last)}")
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} did not answer within {timeout} s")
-
-
-def percentile(values: list[float], fraction: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))], 2)
-
-
-def ensure_wrk() -> None:
-    """Find wrk, or install Debian's package (as root, or through sudo)."""
-    if shutil.which("wrk"):
-        return
-    if shutil.which("apt-get") is None:
-        raise SystemExit("wrk not found, and no apt-get to install it with: install wrk and run again")
-    apt = ([] if os.geteuid() == 0 else ["sudo"]) + ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get"]
-    print("Installing Debian's wrk for the load…", file=sys.stderr)
-    subprocess.run([*apt, "update", "-qq"], check=True)
-    subprocess.run([*apt, "install", "-y", "-qq", "wrk"], check=True)
-
-
-def wrk(url: str, seconds: float, domains: list[str], connections: int = 32) -> dict:
-    """Maximum rate: wrk with a script that spreads events over ``domains``."""
-    script = Path(tempfile.mkstemp(suffix=".lua")[1])
-    bodies = ", ".join("'" + EVENT % domain + "'" for domain in domains)
-    script.write_text(
-        f"local bodies = {{{bodies}}}\nlocal n = 0\n"
-        "request = function()\n  n = n + 1\n"
-        '  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, bodies[(n % #bodies) + 1])\nend\n'
-    )
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    script.unlink()
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
-    return {
-        "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-        "errors": int(non2xx.group(1)) if non2xx else 0,
-        "post_p99_ms": float(p99.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)],
-    }
-
-
-@dataclass
-class Sink:
-    """A running bench/sink.py. Its reports are read as they come, by a thread of their own:
-    a sink whose stdout pipe fills up blocks on print and stops answering webhooks."""
-
-    process: subprocess.Popen
-    url: str
-    received: int = 0
-    latencies: list[float] = field(default_factory=list)
-    reported_at: float = 0.0
-    reports: threading.Condition = field(default_factory=threading.Condition)
-
-    def read_reports(self) -> None:
-        for raw in self.process.stdout:
-            line = json.loads(raw)
-            with self.reports:
-                self.received = line["received"]
-                self.latencies += line["latencies_ms"]
-                self.reported_at = line["at"]
-                self.reports.notify_all()
-
-    def poll(self) -> None:
-        """Wait for the sink's first report made after this call (it reports once a second)."""
-        asked = time.time()
-        with self.reports:
-            if not self.reports.wait_for(lambda: self.reported_at >= asked, timeout=10):
-                raise RuntimeError(f"sink {self.url} stopped reporting")
-
-
-def start_sink(processes: list, hang: bool = False) -> Sink:
-    port = free_port()
-    args = [sys.executable, str(HERE / "sink.py"), str(port)] + (["hang"] if hang else [])
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-    processes.append(process)
-    sink = Sink(process, f"http://127.0.0.1:{port}/webhook")
-    threading.Thread(target=sink.read_reports, daemon=True).start()
-    sink.poll()
-    return sink
-
-
-@dataclass
-class Service:
-    process: subprocess.Popen
-    url: str
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
-def merged(base: dict, extra: dict) -> dict:
-    """``base`` with ``extra`` laid over it: mappings merge key by key, anything else replaces."""
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merged(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
-    return out
-
-
-def service_config(work: Path, port: int, routes: dict[str, list[str]], extra: dict) -> dict:
-    config = {
-        "server": {"host": "127.0.0.1", "port": port},
-        "nats": {"url": "embedded", "data_dir": str(work / "nats")},
-        "logging": {"dir": str(work / "logs")},
-        # Capacity is what is measured: no rate limit in the way (ingest_only posts to an unrouted domain).
-        "ingress": {"rate_limit_per_second": 0, "unrouted_rate_limit_per_second": 0},
-        "routes": [{"domain": domain, "endpoints": endpoints} for domain, endpoints in routes.items()],
-    }
-    return merged(config, extra)
-
-
-def start_service(work: Path, routes: dict[str, list[str]], processes: list, extra: dict | None = None) -> Service:
-    """The service on a fresh port and data directory, with ``extra`` (YAML's mapping) merged into its config."""
-    work.mkdir(parents=True)
-    port = free_port()
-    config = service_config(work, port, routes, extra or {})
-    (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    errors = work / "service-stderr.txt"
-    with errors.open("w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "-config", str(work / "config.yaml")],
-            cwd=work,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    processes.append(process)
-    wait_http(f"http://127.0.0.1:{port}/health", process=process, errors=errors)
-    return Service(process, f"http://127.0.0.1:{port}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def drain(sinks: list[Sink], expected: int, timeout: float = 120) -> float:
-    """Wait until every sink has ``expected`` requests; returns when that was (monotonic)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for sink in sinks:
-            sink.poll()
-        if all(sink.received >= expected for sink in sinks):
-            return time.monotonic()
-    return float("nan")
 
 
 def tree_figures(service: Service, meter: proctree.CpuMeter, events: int) -> dict:
