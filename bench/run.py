@@ -24,7 +24,8 @@ their medians; the scenarios that run no service (baseline, sink ceiling) run
 once per round and are shared by both columns.
 
 Prints the tables and the verdicts, and writes every run's raw numbers as
-JSON to bench/results/. Every process runs on this machine over loopback: wrk
+JSON to bench/results/; ``--report FILE`` prints a saved file's tables and
+verdicts again. Every process runs on this machine over loopback: wrk
 or bench/paced.py → the service (embedded NATS) → bench/sink.py webhook sinks.
 """
 
@@ -331,8 +332,8 @@ def run_rounds(args: argparse.Namespace, variants: list[Variant], selected: list
         shutil.rmtree(work, ignore_errors=True)
 
 
-def print_report(args: argparse.Namespace, variants: list[Variant], record: Record) -> None:
-    print(f"{args.runs} runs of each scenario: median (min–max)\n")
+def print_report(runs: int, variants: list[Variant], path: Path) -> None:
+    print(f"{runs} runs of each scenario: median (min–max)\n")
     if len(variants) == 2:
         print(report.ab_table(variants[0].results, variants[1].results, (variants[0].label, variants[1].label)))
         print("\n(baseline and sink_ceiling start no service: the same runs in both columns)")
@@ -346,7 +347,7 @@ def print_report(args: argparse.Namespace, variants: list[Variant], record: Reco
         if found := report.verdicts(variant.results):
             print(f"\nTargets ({variant.label}):\n")
             print(report.verdict_table(found))
-    print(f"\nJSON: {record.path.relative_to(HERE.parent)}")
+    print(f"\nJSON: {path}")
 
 
 def main() -> None:
@@ -358,7 +359,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=SCENARIOS, help="scenario names to run")
     parser.add_argument("--service-config", metavar="YAML", help="merged into every run's service config")
     parser.add_argument("--ab", nargs=2, metavar=("A", "B"), help="YAML for side A and side B, run alternately")
+    parser.add_argument("--report", metavar="JSON", type=Path, help="print a saved run's tables and verdicts again")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        variants = [Variant(v["label"], v["service_config"], {}, v["results"]) for v in saved["variants"]]
+        print_report(saved["runs"], variants, args.report)
+        return
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     common = yaml_mapping(parser, "--service-config", args.service_config) if args.service_config else {}
@@ -379,7 +386,7 @@ def main() -> None:
     for variant in variants:
         with_pairings(variant.results)
     record.save(complete=True)
-    print_report(args, variants, record)
+    print_report(args.runs, variants, record.path.relative_to(HERE.parent))
 
 
 if __name__ == "__main__":
