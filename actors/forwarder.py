@@ -7,7 +7,7 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import httpcore
+import httpx
 import structlog
 import trio
 from trio_util import AsyncValue
@@ -18,18 +18,30 @@ from pipeline.events import describe, event_key, parse_strict_json
 from pipeline.nats_bridge import Delivery
 from pipeline.routes import Endpoint, Routes
 from pipeline.signing import signature_headers
+from pipeline.webhook_transport import BODY_CAP, KEEPALIVE_EXPIRY_SECONDS, WebhookTransport
 
 log = structlog.get_logger(component="forwarder")
 
 USER_AGENT = "telephony-forwarder"
-# Idle connections to an endpoint are closed after this long (httpx's default).
-KEEPALIVE_EXPIRY_SECONDS = 5.0
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Closing an httpx pool awaits its connections; a shutdown or a retirement waits no longer.
+CLOSE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
 class EndpointResult:
     endpoint: str
     error: str | None  # None: answered 2xx
+
+
+@dataclass(eq=False, slots=True)
+class _Pool:
+    """One endpoint's connection pool, and the requests using it now."""
+
+    url: httpx.URL
+    transport: httpx.AsyncBaseTransport
+    active: int = 0
+    retired: bool = False  # the route no longer has the endpoint: close once idle
 
 
 class Forwarder:
@@ -44,9 +56,12 @@ class Forwarder:
     here. After the last attempt JetStream says it gave up, and the dead-letter
     writer files the event (with the errors recorded here). Endpoints are
     read from the routes at each attempt, so a redelivery goes to the
-    endpoints configured now. Returns when the inbox is closed and
-    in-flight forwards have finished (or the grace period ran out); closes its
-    acks and outcomes channels then.
+    endpoints configured now. Each endpoint request has one deadline,
+    ``forwarding.timeout_seconds``, for connect, send and the whole answer
+    (with the lean transport; httpx's applies it to each socket operation),
+    so an attempt ends before ack_wait redelivers its event. Returns when the
+    inbox is closed and in-flight forwards have finished (or the grace period
+    ran out); closes its acks and outcomes channels then.
     """
 
     def __init__(
@@ -73,8 +88,9 @@ class Forwarder:
         self._max_deliveries = max_deliveries
         self._grace_seconds = grace_seconds
         self._tls = tls
+        # httpx's transport applies its timeout to each socket operation (connect, each read, each write).
         self._timeout = dict.fromkeys(("connect", "read", "write", "pool"), config.timeout_seconds)
-        self._pools: dict[str, httpcore.AsyncConnectionPool] = {}  # endpoint URL → its connection pool
+        self._pools: dict[str, _Pool] = {}  # endpoint URL → its connection pool
         self._nursery: trio.Nursery | None = None
         self.in_flight = 0  # events being forwarded now, for the operator's view
 
@@ -88,42 +104,46 @@ class Forwarder:
                         nursery.start_soon(self._forward, delivery)
                     nursery.cancel_scope.deadline = trio.current_time() + self._grace_seconds
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
                 for pool in self._pools.values():
-                    await pool.aclose()
+                    await pool.transport.aclose()
 
-    def _pool_for(self, url: str) -> httpcore.AsyncConnectionPool:
+    def _pool_for(self, url: str) -> _Pool:
         """The connection pool of one endpoint, opened at its first request.
 
         Pools belong to one domain's forwarder, so a hanging backend of one
-        domain never holds connections another domain needs; one pool per
-        endpoint keeps the scan of idle connections that httpcore makes on
-        every request short. The room semaphore bounds concurrency; httpcore's
-        own timeout bounds each request (cancelling it from outside leaks pool
-        slots: httpcore #1093).
+        domain never holds connections another domain needs. The room
+        semaphore bounds concurrency, so pools never limit connections (no
+        request waits for a pool slot: httpcore #1093 leaks slots of requests
+        cancelled while waiting) and keep as many idle as can be in flight.
         """
         pool = self._pools.get(url)
         if pool is None:
-            pool = self._pools[url] = httpcore.AsyncConnectionPool(
-                ssl_context=self._tls,
-                max_connections=None,
-                max_keepalive_connections=self._config.max_in_flight_per_domain,
-                keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
-            )
+            transport: httpx.AsyncBaseTransport
+            if self._config.http_transport == "lean":
+                transport = WebhookTransport(self._tls, max_idle_connections=self._config.max_in_flight_per_domain)
+            else:
+                limits = httpx.Limits(
+                    max_connections=None,
+                    max_keepalive_connections=self._config.max_in_flight_per_domain,
+                    keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
+                )
+                transport = httpx.AsyncHTTPTransport(verify=self._tls, limits=limits)
+            pool = self._pools[url] = _Pool(httpx.URL(url), transport)
         return pool
 
     def _retire_pools(self, endpoints: tuple[Endpoint, ...]) -> None:
-        """Close the pools of endpoints the route no longer has, once their last requests can have ended."""
+        """Close the pools of endpoints the route no longer has, each once its last request has ended."""
         current = {endpoint.url for endpoint in endpoints}
         for url in [url for url in self._pools if url not in current]:
-            self._nursery.start_soon(self._close_later, self._pools.pop(url))
+            pool = self._pools.pop(url)
+            pool.retired = True
+            if pool.active == 0:
+                self._nursery.start_soon(self._close, pool)
 
-    async def _close_later(self, pool: httpcore.AsyncConnectionPool) -> None:
-        try:
-            await trio.sleep(self._config.timeout_seconds)
-        finally:
-            with trio.CancelScope(shield=True):
-                await pool.aclose()
+    async def _close(self, pool: _Pool) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
+            await pool.transport.aclose()
 
     async def _forward(self, delivery: Delivery) -> None:
         self.in_flight += 1
@@ -201,20 +221,43 @@ class Forwarder:
         )
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> str | None:
-        """POST ``body``; None when the endpoint answered 2xx, else what went wrong.
-
-        Straight to httpcore, the connection pool under httpx: httpx's client
-        layers and models (cookies, auth, redirects, URL and header objects)
-        do nothing for a webhook and cost CPU on every request.
-        """
+        """POST ``body``; None when the endpoint answered 2xx, else what went wrong, in a few words."""
+        pool = self._pool_for(url)
+        pool.active += 1
         try:
-            response = await self._pool_for(url).request(
-                "POST", url, headers=list(headers.items()), content=body, extensions={"timeout": self._timeout}
-            )
-        except httpcore.TimeoutException as error:
-            return f"timeout ({type(error).__name__})"
-        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol) as error:
+            if self._config.http_transport == "httpx":
+                return await self._exchange(pool, body, headers)
+            # One deadline for connect, send and the whole answer; the lean
+            # transport closes the connection of a request it cuts.
+            with trio.move_on_after(self._config.timeout_seconds):
+                return await self._exchange(pool, body, headers)
+            return f"timeout (no complete answer within {self._config.timeout_seconds:g} s)"
+        finally:
+            pool.active -= 1
+            if pool.retired and pool.active == 0:
+                self._nursery.start_soon(self._close, pool)
+
+    async def _exchange(self, pool: _Pool, body: bytes, headers: dict[str, str]) -> str | None:
+        request = httpx.Request("POST", pool.url, headers=headers, content=body, extensions={"timeout": self._timeout})
+        try:
+            response = await pool.transport.handle_async_request(request)
+            try:
+                # Read to the cap only: a closed, unfinished response closes its connection.
+                read = 0
+                async for chunk in response.stream:
+                    read += len(chunk)
+                    if read > BODY_CAP:
+                        break
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
+                    await response.aclose()
+        except httpx.TimeoutException as error:
+            return f"timeout ({type(error).__name__}: {self._config.timeout_seconds:g} s without progress)"
+        except httpx.TransportError as error:
             return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        if 200 <= response.status < 300:
+        status = response.status_code
+        if 200 <= status < 300:
             return None
-        return f"HTTP {response.status}"
+        if status in REDIRECTS:
+            return f"HTTP {status} (redirects are not followed)"
+        return f"HTTP {status}"

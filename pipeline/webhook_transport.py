@@ -237,7 +237,7 @@ class WebhookTransport(httpx.AsyncBaseTransport):
         try:
             tcp = await trio.open_tcp_stream(host, port)
         except OSError as error:
-            raise httpx.ConnectError(_connect_failure(error)) from error
+            raise httpx.ConnectError(_connect_failure(error, host, port)) from error
         self._opened += 1
         connection = _Connection(tcp, tcp.socket)
         if scheme == b"http":
@@ -344,10 +344,10 @@ def _request_bytes(method: bytes, target: bytes, headers: list[tuple[bytes, byte
     return b"".join(lines)
 
 
-def _connect_failure(error: OSError) -> str:
-    """trio's "all attempts … failed" with the reasons of the attempts, which are what an operator needs."""
+def _connect_failure(error: OSError, host: str, port: int) -> str:
+    """trio's "all attempts … failed" with each attempt's reason, which is what an operator needs."""
     cause = error.__cause__
     if isinstance(cause, ExceptionGroup):
         reasons = dict.fromkeys(str(attempt) for attempt in cause.exceptions)
         return f"{error}: {'; '.join(reasons)}"
-    return str(error)
+    return f"{host}:{port}: {error}"  # name resolution: the error does not say which name

@@ -35,6 +35,12 @@ async def nats_cluster(nursery: trio.Nursery, tmp_path) -> NatsCluster:
     return cluster
 
 
+@pytest.fixture(params=["lean", "httpx"])
+def http_transport(request: pytest.FixtureRequest) -> str:
+    """Each webhook transport in turn (``forwarding.http_transport``), for scenarios that must hold with both."""
+    return request.param
+
+
 StartBackend = Callable[..., Awaitable[Backend]]
 
 
