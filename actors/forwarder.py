@@ -254,10 +254,20 @@ class Forwarder:
         except httpx.TimeoutException as error:
             return f"timeout ({type(error).__name__}: {self._config.timeout_seconds:g} s without progress)"
         except httpx.TransportError as error:
-            return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            return _describe(error)
         status = response.status_code
         if 200 <= status < 300:
             return None
         if status in REDIRECTS:
             return f"HTTP {status} (redirects are not followed)"
         return f"HTTP {status}"
+
+
+def _describe(error: BaseException) -> str:
+    """``Name: reason``, the reason taken from the causes when the error has none (httpcore's TLS failures)."""
+    reason: BaseException | None = error
+    for _ in range(8):  # a chain of causes is short; never follow a cycle far
+        if reason is None or str(reason):
+            break
+        reason = reason.__cause__ or reason.__context__
+    return f"{type(error).__name__}: {reason}" if reason is not None and str(reason) else type(error).__name__
