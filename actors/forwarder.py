@@ -22,7 +22,8 @@ from pipeline.webhook_transport import BODY_CAP, KEEPALIVE_EXPIRY_SECONDS, Webho
 
 log = structlog.get_logger(component="forwarder")
 
-USER_AGENT = "telephony-forwarder"
+USER_AGENT = b"telephony-forwarder"
+Headers = list[tuple[bytes, bytes]]
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Closing an httpx pool awaits its connections; a shutdown or a retirement waits no longer.
 CLOSE_SECONDS = 1.0
@@ -40,6 +41,7 @@ class _Pool:
 
     url: httpx.URL
     transport: httpx.AsyncBaseTransport
+    headers: Headers  # what every request to the endpoint carries, Host included
     active: int = 0
     retired: bool = False  # the route no longer has the endpoint: close once idle
 
@@ -129,7 +131,9 @@ class Forwarder:
                     keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
                 )
                 transport = httpx.AsyncHTTPTransport(verify=self._tls, limits=limits)
-            pool = self._pools[url] = _Pool(httpx.URL(url), transport)
+            parsed = httpx.URL(url)
+            headers = [(b"Host", parsed.netloc), (b"Content-Type", b"application/json"), (b"User-Agent", USER_AGENT)]
+            pool = self._pools[url] = _Pool(parsed, transport, headers)
         return pool
 
     def _retire_pools(self, endpoints: tuple[Endpoint, ...]) -> None:
@@ -180,7 +184,7 @@ class Forwarder:
         body = json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         # Unique across tenants, who may choose the same event_id: what backends deduplicate on.
         key = event_key(self.domain, str(event.get("event_id", "")))
-        headers = {"Content-Type": "application/json", "Idempotency-Key": key, "User-Agent": USER_AGENT}
+        headers = [(b"Idempotency-Key", key.encode()), (b"Content-Length", b"%d" % len(body))]
         event_log.info("Forwarding event", endpoints=len(endpoints))
         if len(self._pools) > len(endpoints):
             self._retire_pools(endpoints)
@@ -188,7 +192,11 @@ class Forwarder:
         results: list[EndpointResult] = []
 
         async def post(endpoint: Endpoint) -> None:
-            signed = headers | signature_headers(endpoint.secret, key, body) if endpoint.secret else headers
+            signed = headers
+            if endpoint.secret:
+                signed = headers + [
+                    (k.encode(), v.encode()) for k, v in signature_headers(endpoint.secret, key, body).items()
+                ]
             results.append(EndpointResult(endpoint.url, await self._post(endpoint.url, body, signed)))
 
         async with trio.open_nursery() as nursery:
@@ -220,7 +228,7 @@ class Forwarder:
             payload=event,
         )
 
-    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> str | None:
+    async def _post(self, url: str, body: bytes, headers: Headers) -> str | None:
         """POST ``body``; None when the endpoint answered 2xx, else what went wrong, in a few words."""
         pool = self._pool_for(url)
         pool.active += 1
@@ -237,20 +245,20 @@ class Forwarder:
             if pool.retired and pool.active == 0:
                 self._nursery.start_soon(self._close, pool)
 
-    async def _exchange(self, pool: _Pool, body: bytes, headers: dict[str, str]) -> str | None:
-        request = httpx.Request("POST", pool.url, headers=headers, content=body, extensions={"timeout": self._timeout})
+    async def _exchange(self, pool: _Pool, body: bytes, headers: Headers) -> str | None:
+        # Headers complete (Host, Content-Length) and the body as a stream: httpx's
+        # Request then skips its own header preparation, which costs 4× the rest.
+        request = httpx.Request(
+            "POST",
+            pool.url,
+            headers=pool.headers + headers,
+            stream=httpx.ByteStream(body),
+            extensions={"timeout": self._timeout},
+        )
         try:
             response = await pool.transport.handle_async_request(request)
-            try:
-                # Read to the cap only: a closed, unfinished response closes its connection.
-                read = 0
-                async for chunk in response.stream:
-                    read += len(chunk)
-                    if read > BODY_CAP:
-                        break
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
-                    await response.aclose()
+            if not isinstance(response.stream, httpx.ByteStream):  # read already (and capped) by the lean transport
+                await _read_capped(response)
         except httpx.TimeoutException as error:
             return f"timeout ({type(error).__name__}: {self._config.timeout_seconds:g} s without progress)"
         except httpx.TransportError as error:
@@ -261,6 +269,19 @@ class Forwarder:
         if status in REDIRECTS:
             return f"HTTP {status} (redirects are not followed)"
         return f"HTTP {status}"
+
+
+async def _read_capped(response: httpx.Response) -> None:
+    """Read a streamed answer to ``BODY_CAP`` only; closing it unfinished closes its connection."""
+    try:
+        read = 0
+        async for chunk in response.stream:
+            read += len(chunk)
+            if read > BODY_CAP:
+                break
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
+            await response.aclose()
 
 
 def _describe(error: BaseException) -> str:

@@ -183,8 +183,7 @@ class WebhookTransport(httpx.AsyncBaseTransport):
         origin = (scheme, url.host, url.port or _DEFAULT_PORTS[scheme])
         method = request.method.encode("ascii")
         head_only = method == b"HEAD"
-        data = _request_bytes(method, url.raw_path, request.headers.raw, await request.aread())
-        keep_alive = request.headers.get("connection", "").lower() != "close"
+        data, keep_alive = _request_bytes(method, url.raw_path, request.headers.raw, await request.aread())
         self._active += 1
         try:
             connection = self._take_idle(origin)
@@ -320,28 +319,32 @@ class WebhookTransport(httpx.AsyncBaseTransport):
         )
 
 
-def _request_bytes(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
-    """The request as sent; refuses anything that could end a line or the head early."""
+def _request_bytes(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[bytes, bool]:
+    """The request as sent, and whether it lets the connection live on; refuses what could end a line or the head."""
     if not _TOKEN.fullmatch(method):
         raise httpx.LocalProtocolError(f"invalid method {method!r}")
     if _CONTROL.search(target) or b" " in target:
         raise httpx.LocalProtocolError(f"request target {target!r} contains a space, CR, LF or NUL: refused")
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
     chunked = False
+    keep_alive = True
     for name, value in headers:
         if not _TOKEN.fullmatch(name):
             raise httpx.LocalProtocolError(f"invalid header name {name!r}: refused")
         if _CONTROL.search(value):
             raise httpx.LocalProtocolError(f"header {name.decode()} contains CR, LF or NUL: refused")
-        if name.lower() == b"transfer-encoding":
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":
             chunked = b"chunked" in value.lower()
+        elif lowered == b"connection":
+            keep_alive = b"close" not in value.lower()
         lines += (name, b": ", value, b"\r\n")
     lines.append(b"\r\n")
     if chunked:  # a streamed request body, read whole: sent as one chunk
         lines += (b"%x\r\n" % len(body), body, b"\r\n0\r\n\r\n") if body else (b"0\r\n\r\n",)
     else:
         lines.append(body)
-    return b"".join(lines)
+    return b"".join(lines), keep_alive
 
 
 def _connect_failure(error: OSError, host: str, port: int) -> str:

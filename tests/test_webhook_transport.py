@@ -102,6 +102,17 @@ async def test_connection_close_is_honoured(start_raw_backend: StartRawBackend):
     assert seen.accepted == 2
 
 
+async def test_a_request_saying_connection_close_is_not_kept(start_raw_backend: StartRawBackend):
+    seen = Connections()
+    url = await start_raw_backend(answering(OK, seen))
+    client = transport()
+    with trio.fail_after(TEST_TIMEOUT):
+        for _ in range(2):
+            assert (await post(client, url, Connection="close")).status_code == 200
+        await seen.closed_by_client.wait_value(2)
+    assert seen.accepted == 2 and client.statistics().open_connections == 0
+
+
 async def test_idle_connections_expire(start_raw_backend: StartRawBackend, mock_clock: trio.testing.MockClock):
     seen = Connections()
     url = await start_raw_backend(answering(OK, seen))
