@@ -180,8 +180,9 @@ class WebhookTransport(httpx.AsyncBaseTransport):
         scheme = url.raw_scheme
         if scheme not in _DEFAULT_PORTS:
             raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}: http or https only")
-        origin = (scheme, url.host, url.port or _DEFAULT_PORTS[scheme])
-        method = request.method.encode("ascii")
+        # raw_host: an international name in its IDNA (xn--) form, which is what DNS and SNI take.
+        origin = (scheme, url.raw_host.decode("ascii"), url.port or _DEFAULT_PORTS[scheme])
+        method = request.method.encode("latin-1", errors="replace")
         head_only = method == b"HEAD"
         data, keep_alive = _request_bytes(method, url.raw_path, request.headers.raw, await request.aread())
         self._active += 1
