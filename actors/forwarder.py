@@ -7,7 +7,7 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import httpcore
+import httpx
 import structlog
 import trio
 from trio_util import AsyncValue
@@ -18,18 +18,32 @@ from pipeline.events import describe, event_key, parse_strict_json
 from pipeline.nats_bridge import Delivery
 from pipeline.routes import Endpoint, Routes
 from pipeline.signing import signature_headers
+from pipeline.webhook_transport import BODY_CAP, KEEPALIVE_EXPIRY_SECONDS, WebhookTransport
 
 log = structlog.get_logger(component="forwarder")
 
-USER_AGENT = "telephony-forwarder"
-# Idle connections to an endpoint are closed after this long (httpx's default).
-KEEPALIVE_EXPIRY_SECONDS = 5.0
+USER_AGENT = b"telephony-forwarder"
+Headers = list[tuple[bytes, bytes]]
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Closing an httpx pool awaits its connections; a shutdown or a retirement waits no longer.
+CLOSE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
 class EndpointResult:
     endpoint: str
     error: str | None  # None: answered 2xx
+
+
+@dataclass(eq=False, slots=True)
+class _Pool:
+    """One endpoint's connection pool, and the requests using it now."""
+
+    url: httpx.URL
+    transport: httpx.AsyncBaseTransport
+    headers: Headers  # what every request to the endpoint carries, Host included
+    active: int = 0
+    retired: bool = False  # the route no longer has the endpoint: close once idle
 
 
 class Forwarder:
@@ -44,9 +58,12 @@ class Forwarder:
     here. After the last attempt JetStream says it gave up, and the dead-letter
     writer files the event (with the errors recorded here). Endpoints are
     read from the routes at each attempt, so a redelivery goes to the
-    endpoints configured now. Returns when the inbox is closed and
-    in-flight forwards have finished (or the grace period ran out); closes its
-    acks and outcomes channels then.
+    endpoints configured now. Each endpoint request has one deadline,
+    ``forwarding.timeout_seconds``, for connect, send and the whole answer
+    (with the lean transport; httpx's applies it to each socket operation),
+    so an attempt ends before ack_wait redelivers its event. Returns when the
+    inbox is closed and in-flight forwards have finished (or the grace period
+    ran out); closes its acks and outcomes channels then.
     """
 
     def __init__(
@@ -73,8 +90,9 @@ class Forwarder:
         self._max_deliveries = max_deliveries
         self._grace_seconds = grace_seconds
         self._tls = tls
+        # httpx's transport applies its timeout to each socket operation (connect, each read, each write).
         self._timeout = dict.fromkeys(("connect", "read", "write", "pool"), config.timeout_seconds)
-        self._pools: dict[str, httpcore.AsyncConnectionPool] = {}  # endpoint URL → its connection pool
+        self._pools: dict[str, _Pool] = {}  # endpoint URL → its connection pool
         self._nursery: trio.Nursery | None = None
         self.in_flight = 0  # events being forwarded now, for the operator's view
 
@@ -88,42 +106,48 @@ class Forwarder:
                         nursery.start_soon(self._forward, delivery)
                     nursery.cancel_scope.deadline = trio.current_time() + self._grace_seconds
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
                 for pool in self._pools.values():
-                    await pool.aclose()
+                    await pool.transport.aclose()
 
-    def _pool_for(self, url: str) -> httpcore.AsyncConnectionPool:
+    def _pool_for(self, url: str) -> _Pool:
         """The connection pool of one endpoint, opened at its first request.
 
         Pools belong to one domain's forwarder, so a hanging backend of one
-        domain never holds connections another domain needs; one pool per
-        endpoint keeps the scan of idle connections that httpcore makes on
-        every request short. The room semaphore bounds concurrency; httpcore's
-        own timeout bounds each request (cancelling it from outside leaks pool
-        slots: httpcore #1093).
+        domain never holds connections another domain needs. The room
+        semaphore bounds concurrency, so pools never limit connections (no
+        request waits for a pool slot: httpcore #1093 leaks slots of requests
+        cancelled while waiting) and keep as many idle as can be in flight.
         """
         pool = self._pools.get(url)
         if pool is None:
-            pool = self._pools[url] = httpcore.AsyncConnectionPool(
-                ssl_context=self._tls,
-                max_connections=None,
-                max_keepalive_connections=self._config.max_in_flight_per_domain,
-                keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
-            )
+            transport: httpx.AsyncBaseTransport
+            if self._config.http_transport == "lean":
+                transport = WebhookTransport(self._tls, max_idle_connections=self._config.max_in_flight_per_domain)
+            else:
+                limits = httpx.Limits(
+                    max_connections=None,
+                    max_keepalive_connections=self._config.max_in_flight_per_domain,
+                    keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
+                )
+                transport = httpx.AsyncHTTPTransport(verify=self._tls, limits=limits)
+            parsed = httpx.URL(url)
+            headers = [(b"Host", parsed.netloc), (b"Content-Type", b"application/json"), (b"User-Agent", USER_AGENT)]
+            pool = self._pools[url] = _Pool(parsed, transport, headers)
         return pool
 
     def _retire_pools(self, endpoints: tuple[Endpoint, ...]) -> None:
-        """Close the pools of endpoints the route no longer has, once their last requests can have ended."""
+        """Close the pools of endpoints the route no longer has, each once its last request has ended."""
         current = {endpoint.url for endpoint in endpoints}
         for url in [url for url in self._pools if url not in current]:
-            self._nursery.start_soon(self._close_later, self._pools.pop(url))
+            pool = self._pools.pop(url)
+            pool.retired = True
+            if pool.active == 0:
+                self._nursery.start_soon(self._close, pool)
 
-    async def _close_later(self, pool: httpcore.AsyncConnectionPool) -> None:
-        try:
-            await trio.sleep(self._config.timeout_seconds)
-        finally:
-            with trio.CancelScope(shield=True):
-                await pool.aclose()
+    async def _close(self, pool: _Pool) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
+            await pool.transport.aclose()
 
     async def _forward(self, delivery: Delivery) -> None:
         self.in_flight += 1
@@ -160,7 +184,7 @@ class Forwarder:
         body = json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         # Unique across tenants, who may choose the same event_id: what backends deduplicate on.
         key = event_key(self.domain, str(event.get("event_id", "")))
-        headers = {"Content-Type": "application/json", "Idempotency-Key": key, "User-Agent": USER_AGENT}
+        headers = [(b"Idempotency-Key", key.encode()), (b"Content-Length", b"%d" % len(body))]
         event_log.info("Forwarding event", endpoints=len(endpoints))
         if len(self._pools) > len(endpoints):
             self._retire_pools(endpoints)
@@ -168,7 +192,11 @@ class Forwarder:
         results: list[EndpointResult] = []
 
         async def post(endpoint: Endpoint) -> None:
-            signed = headers | signature_headers(endpoint.secret, key, body) if endpoint.secret else headers
+            signed = headers
+            if endpoint.secret:
+                signed = headers + [
+                    (k.encode(), v.encode()) for k, v in signature_headers(endpoint.secret, key, body).items()
+                ]
             results.append(EndpointResult(endpoint.url, await self._post(endpoint.url, body, signed)))
 
         async with trio.open_nursery() as nursery:
@@ -200,21 +228,67 @@ class Forwarder:
             payload=event,
         )
 
-    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> str | None:
-        """POST ``body``; None when the endpoint answered 2xx, else what went wrong.
-
-        Straight to httpcore, the connection pool under httpx: httpx's client
-        layers and models (cookies, auth, redirects, URL and header objects)
-        do nothing for a webhook and cost CPU on every request.
-        """
+    async def _post(self, url: str, body: bytes, headers: Headers) -> str | None:
+        """POST ``body``; None when the endpoint answered 2xx, else what went wrong, in a few words."""
+        pool = self._pool_for(url)
+        pool.active += 1
         try:
-            response = await self._pool_for(url).request(
-                "POST", url, headers=list(headers.items()), content=body, extensions={"timeout": self._timeout}
-            )
-        except httpcore.TimeoutException as error:
-            return f"timeout ({type(error).__name__})"
-        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol) as error:
-            return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        if 200 <= response.status < 300:
+            if self._config.http_transport == "httpx":
+                return await self._exchange(pool, body, headers)
+            # One deadline for connect, send and the whole answer; the lean
+            # transport closes the connection of a request it cuts.
+            with trio.move_on_after(self._config.timeout_seconds):
+                return await self._exchange(pool, body, headers)
+            return f"timeout (no complete answer within {self._config.timeout_seconds:g} s)"
+        finally:
+            pool.active -= 1
+            if pool.retired and pool.active == 0:
+                self._nursery.start_soon(self._close, pool)
+
+    async def _exchange(self, pool: _Pool, body: bytes, headers: Headers) -> str | None:
+        # Headers complete (Host, Content-Length) and the body as a stream: httpx's
+        # Request then skips its own header preparation, which costs 4× the rest.
+        request = httpx.Request(
+            "POST",
+            pool.url,
+            headers=pool.headers + headers,
+            stream=httpx.ByteStream(body),
+            extensions={"timeout": self._timeout},
+        )
+        try:
+            response = await pool.transport.handle_async_request(request)
+            if not isinstance(response.stream, httpx.ByteStream):  # read already (and capped) by the lean transport
+                await _read_capped(response)
+        except httpx.TimeoutException as error:
+            return f"timeout ({type(error).__name__}: {self._config.timeout_seconds:g} s without progress)"
+        except httpx.TransportError as error:
+            return _describe(error)
+        status = response.status_code
+        if 200 <= status < 300:
             return None
-        return f"HTTP {response.status}"
+        if status in REDIRECTS:
+            return f"HTTP {status} (redirects are not followed)"
+        return f"HTTP {status}"
+
+
+async def _read_capped(response: httpx.Response) -> None:
+    """Read a streamed answer to ``BODY_CAP`` only; closing it unfinished closes its connection."""
+    try:
+        read = 0
+        async for chunk in response.stream:
+            read += len(chunk)
+            if read > BODY_CAP:
+                break
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
+            await response.aclose()
+
+
+def _describe(error: BaseException) -> str:
+    """``Name: reason``, the reason taken from the causes when the error has none (httpcore's TLS failures)."""
+    reason: BaseException | None = error
+    for _ in range(8):  # a chain of causes is short; never follow a cycle far
+        if reason is None or str(reason):
+            break
+        reason = reason.__cause__ or reason.__context__
+    return f"{type(error).__name__}: {reason}" if reason is not None and str(reason) else type(error).__name__

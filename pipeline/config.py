@@ -8,7 +8,7 @@ reason, so the CLI can print it without a traceback.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -105,7 +105,13 @@ class NatsConfig(_Section):
 
 
 class ForwardingConfig(_Section):
+    # lean: one deadline for the whole request (connect, send, the whole answer);
+    # httpx: the same number applies to each socket operation on its own.
     timeout_seconds: float = Field(3.0, gt=0)
+    # lean: the service's own HTTP/1.1 keep-alive transport (pipeline/webhook_transport.py);
+    # httpx: httpx.AsyncHTTPTransport (httpcore), kept for comparison and as the base for what the
+    # lean one lacks (proxies, HTTP/2; neither is configured today).
+    http_transport: Literal["lean", "httpx"] = "lean"
     # Events of one domain being forwarded at once; also how many the subscriber
     # fetches for that domain, so nothing waits in memory while ack_wait runs.
     max_in_flight_per_domain: int = Field(64, ge=1, le=10_000)

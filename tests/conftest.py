@@ -1,14 +1,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pytest
 import trio
 import trio_asyncio
+import trustme
 
 from pipeline import supervisor
 from pipeline.config import NatsConfig
@@ -31,6 +35,12 @@ async def nats_cluster(nursery: trio.Nursery, tmp_path) -> NatsCluster:
     return cluster
 
 
+@pytest.fixture(params=["lean", "httpx"])
+def http_transport(request: pytest.FixtureRequest) -> str:
+    """Each webhook transport in turn (``forwarding.http_transport``), for scenarios that must hold with both."""
+    return request.param
+
+
 StartBackend = Callable[..., Awaitable[Backend]]
 
 
@@ -44,6 +54,52 @@ def start_backend(nursery: trio.Nursery) -> StartBackend:
         return backend
 
     return start
+
+
+RawHandler = Callable[[trio.abc.Stream], Awaitable[None]]
+StartRawBackend = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+def start_raw_backend(nursery: trio.Nursery) -> StartRawBackend:
+    """Serve ``handler(stream)`` for each connection on a loopback port; returns the webhook URL.
+
+    For exact wire behaviour (trickling, closing, malformed answers). With
+    ``tls`` (a server context) it is an https URL. A client that drops the
+    connection ends that connection's handler quietly.
+    """
+
+    async def start(handler: RawHandler, *, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> str:
+        async def serve_connection(stream: trio.abc.Stream) -> None:
+            async with stream:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await handler(stream)
+
+        if tls is None:
+            [listener] = await nursery.start(partial(trio.serve_tcp, serve_connection, 0, host="127.0.0.1"))
+            port = listener.socket.getsockname()[1]
+        else:
+            [listener] = await nursery.start(
+                partial(trio.serve_ssl_over_tcp, serve_connection, 0, tls, host="127.0.0.1")
+            )
+            port = listener.transport_listener.socket.getsockname()[1]
+        return f"{'https' if tls else 'http'}://{host}:{port}/webhook"
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def test_ca() -> trustme.CA:
+    """A certificate authority of the tests' own: trusted only by contexts that are told so."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_tls(test_ca: trustme.CA) -> ssl.SSLContext:
+    """A server context with a certificate from ``test_ca`` for 127.0.0.1 and localhost."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    test_ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    return context
 
 
 @dataclass(frozen=True)

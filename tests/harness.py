@@ -6,6 +6,7 @@ by side and leave nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -119,6 +120,42 @@ async def serve_backend(backend: Backend, *, task_status: trio.TaskStatus[str] =
             task_status.started(backend.url)
 
     await serve(backend, config, task_status=_Started(), mode="asgi")
+
+
+class WireRequests:
+    """The HTTP/1.1 requests arriving on one raw connection, one at a time, for backends that write the wire by hand."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    async def next(self) -> bytes | None:
+        """The next request, head and body (by its Content-Length); None when the client closed first."""
+        while b"\r\n\r\n" not in self._buffer:
+            if not await self._fill():
+                return None
+        end = self._buffer.index(b"\r\n\r\n") + 4
+        length = 0
+        for line in bytes(self._buffer[:end]).split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        while len(self._buffer) < end + length:
+            if not await self._fill():
+                return None
+        request = bytes(self._buffer[: end + length])
+        del self._buffer[: end + length]
+        return request
+
+    async def wait_closed(self) -> None:
+        """Return once the client closed (or reset) the connection; what it sends meanwhile is kept."""
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await self._fill():
+                pass
+
+    async def _fill(self) -> bool:
+        data = await self._stream.receive_some()
+        self._buffer += data
+        return bool(data)
 
 
 class NatsServer:

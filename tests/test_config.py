@@ -31,3 +31,13 @@ def test_routes_and_api_keys_refuse_the_domains_the_ingress_refuses(tmp_path: Pa
     path.write_text(yaml.safe_dump({"ingress": {"api_keys": [key]}}))
     with pytest.raises(ConfigError, match=r"ingress\.api_keys\[0\]\.domains: domain .* needs a letter or digit"):
         load_config(path)
+
+
+def test_the_webhook_transport_is_lean_unless_httpx_is_chosen(tmp_path: Path):
+    assert Config().forwarding.http_transport == "lean"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"forwarding": {"http_transport": "httpx"}, "routes": []}))
+    assert load_config(path).forwarding.http_transport == "httpx"
+    path.write_text(yaml.safe_dump({"forwarding": {"http_transport": "curl"}, "routes": []}))
+    with pytest.raises(ConfigError, match=r"forwarding\.http_transport: Input should be 'lean' or 'httpx'"):
+        load_config(path)

@@ -1,4 +1,8 @@
-"""Scenarios: events through a real nats-server to real HTTP backends."""
+"""Scenarios: events through a real nats-server to real HTTP backends.
+
+Each runs with both webhook transports (``forwarding.http_transport``): the lean
+default and httpx's.
+"""
 
 from __future__ import annotations
 
@@ -24,9 +28,13 @@ from tests.harness import (
 SCENARIO_TIMEOUT = 30
 
 
-async def test_event_fans_out_to_every_endpoint_of_its_domain(nats_server, start_backend: StartBackend):
+async def test_event_fans_out_to_every_endpoint_of_its_domain(
+    nats_server, http_transport: str, start_backend: StartBackend
+):
     first, second = await start_backend(), await start_backend()
-    config = make_config(nats_server.url, {"vietanh.cloudgo.vn": [first.url, second.url]})
+    config = make_config(
+        nats_server.url, {"vietanh.cloudgo.vn": [first.url, second.url]}, forwarding={"http_transport": http_transport}
+    )
     with trio.fail_after(SCENARIO_TIMEOUT):
         async with running_service(config) as service:
             response = await service.post_event(call_event("vietanh.cloudgo.vn", "call-1"))
@@ -46,9 +54,15 @@ async def test_event_fans_out_to_every_endpoint_of_its_domain(nats_server, start
         assert request.headers["user-agent"] == "telephony-forwarder"
 
 
-async def test_domains_with_dots_reach_only_their_own_endpoints(nats_server, start_backend: StartBackend):
+async def test_domains_with_dots_reach_only_their_own_endpoints(
+    nats_server, http_transport: str, start_backend: StartBackend
+):
     cloudgo, example = await start_backend(), await start_backend()
-    config = make_config(nats_server.url, {"vietanh.cloudgo.vn": [cloudgo.url], "a.b.example.com": [example.url]})
+    config = make_config(
+        nats_server.url,
+        {"vietanh.cloudgo.vn": [cloudgo.url], "a.b.example.com": [example.url]},
+        forwarding={"http_transport": http_transport},
+    )
     with trio.fail_after(SCENARIO_TIMEOUT):
         async with running_service(config) as service:
             for n in range(3):
@@ -62,27 +76,39 @@ async def test_domains_with_dots_reach_only_their_own_endpoints(nats_server, sta
     assert {b["domain"] for b in example.bodies()} == {"A.B.Example.com"}
 
 
-async def test_unrouted_domain_waits_in_the_stream_until_it_has_a_route(nats_server, start_backend: StartBackend):
+async def test_unrouted_domain_waits_in_the_stream_until_it_has_a_route(
+    nats_server, http_transport: str, start_backend: StartBackend
+):
     backend = await start_backend()
     with trio.fail_after(SCENARIO_TIMEOUT):
         with capture_logs() as logs:
-            async with running_service(make_config(nats_server.url, {})) as service:
+            async with running_service(
+                make_config(nats_server.url, {}, forwarding={"http_transport": http_transport})
+            ) as service:
                 for n in range(2):
                     assert (await service.post_event(call_event("late.example.vn", f"late-{n}"))).status_code == 202
         assert backend.count.value == 0
         warnings = [record for record in logs if record["event"].startswith("No route for domain")]
         assert [w["domain"] for w in warnings] == ["late.example.vn"]  # once, not per event
         # Restart with a route for it: the waiting events are delivered.
-        async with running_service(make_config(nats_server.url, {"late.example.vn": [backend.url]})):
+        async with running_service(
+            make_config(
+                nats_server.url, {"late.example.vn": [backend.url]}, forwarding={"http_transport": http_transport}
+            )
+        ):
             await backend.wait_count(2)
     assert sorted(b["call_id"] for b in backend.bodies()) == ["late-0", "late-1"]
     assert {b["delivery_attempt"] for b in backend.bodies()} == {1}
 
 
-async def test_failing_endpoint_gets_redeliveries_until_all_succeed(nats_server, start_backend: StartBackend):
+async def test_failing_endpoint_gets_redeliveries_until_all_succeed(
+    nats_server, http_transport: str, start_backend: StartBackend
+):
     steady = await start_backend()
     flaky = await start_backend(lambda number, body: 500 if number <= 2 else 200)
-    config = make_config(nats_server.url, {"flaky.example": [steady.url, flaky.url]})
+    config = make_config(
+        nats_server.url, {"flaky.example": [steady.url, flaky.url]}, forwarding={"http_transport": http_transport}
+    )
     with trio.fail_after(SCENARIO_TIMEOUT):
         async with running_service(config) as service:
             await service.post_event(call_event("flaky.example", "retry-1"))
@@ -96,9 +122,13 @@ async def test_failing_endpoint_gets_redeliveries_until_all_succeed(nats_server,
     assert state["ack_floor"]["stream_seq"] == 1
 
 
-async def test_always_failing_endpoint_gets_exactly_max_deliveries(nats_server, start_backend: StartBackend):
+async def test_always_failing_endpoint_gets_exactly_max_deliveries(
+    nats_server, http_transport: str, start_backend: StartBackend
+):
     broken = await start_backend(lambda number, body: 503)
-    config = make_config(nats_server.url, {"broken.example": [broken.url]})
+    config = make_config(
+        nats_server.url, {"broken.example": [broken.url]}, forwarding={"http_transport": http_transport}
+    )
     with trio.fail_after(SCENARIO_TIMEOUT), capture_logs() as logs:
         async with running_service(config) as service:
             await service.post_event(call_event("broken.example", "doomed"))
@@ -123,13 +153,15 @@ async def _answer_garbage(stream: trio.SocketStream) -> None:
 
 
 async def test_refusing_and_non_http_endpoints_count_as_failures(
-    nats_server, start_backend: StartBackend, nursery: trio.Nursery
+    nats_server, http_transport: str, start_backend: StartBackend, nursery: trio.Nursery
 ):
     good = await start_backend()
     [listener] = await nursery.start(partial(trio.serve_tcp, _answer_garbage, 0, host="127.0.0.1"))
     garbage = f"http://127.0.0.1:{listener.socket.getsockname()[1]}/webhook"
     refusing = f"http://127.0.0.1:{free_port()}/webhook"  # nothing listens there
-    config = make_config(nats_server.url, {"mixed.example": [good.url, garbage, refusing]})
+    config = make_config(
+        nats_server.url, {"mixed.example": [good.url, garbage, refusing]}, forwarding={"http_transport": http_transport}
+    )
     with trio.fail_after(SCENARIO_TIMEOUT), capture_logs() as logs:
         async with running_service(config) as service:
             await service.post_event(call_event("mixed.example", "mixed-1"))
@@ -141,9 +173,9 @@ async def test_refusing_and_non_http_endpoints_count_as_failures(
     assert failure["errors"][refusing].startswith("ConnectError")
 
 
-async def test_endpoint_timeout_counts_as_failure(nats_server, start_backend: StartBackend):
+async def test_endpoint_timeout_counts_as_failure(nats_server, http_transport: str, start_backend: StartBackend):
     slow = await start_backend(lambda number, body: HANG if number == 1 else 200)
-    config = make_config(nats_server.url, {"slow.example": [slow.url]})
+    config = make_config(nats_server.url, {"slow.example": [slow.url]}, forwarding={"http_transport": http_transport})
     with trio.fail_after(SCENARIO_TIMEOUT), capture_logs() as logs:
         async with running_service(config) as service:
             await service.post_event(call_event("slow.example", "slow-1"))
@@ -155,7 +187,7 @@ async def test_endpoint_timeout_counts_as_failure(nats_server, start_backend: St
 
 
 async def test_hanging_domain_does_not_delay_another_domain(
-    nats_server, start_backend: StartBackend, nursery: trio.Nursery
+    nats_server, http_transport: str, start_backend: StartBackend, nursery: trio.Nursery
 ):
     # The hanging backend holds every request open until released, and the
     # timeouts are far away, so the order of what happened is the assertion:
@@ -167,7 +199,7 @@ async def test_hanging_domain_does_not_delay_another_domain(
     config = make_config(
         nats_server.url,
         {"hanging.example": [hanging.url], "healthy.example": [healthy.url]},
-        forwarding={"timeout_seconds": 60.0, "max_in_flight_per_domain": 8},
+        forwarding={"timeout_seconds": 60.0, "max_in_flight_per_domain": 8, "http_transport": http_transport},
         nats={"ack_wait_seconds": 61.0},
     )
     with trio.fail_after(SCENARIO_TIMEOUT):
@@ -200,11 +232,11 @@ async def _wait_settled(nats_server: NatsServer, stream: str, domain: str) -> No
 
 
 async def test_a_stored_event_with_nan_is_never_forwarded_as_invalid_json(
-    nats_server, start_backend: StartBackend, jetstreams: list[OpenedJetStream]
+    nats_server, http_transport: str, start_backend: StartBackend, jetstreams: list[OpenedJetStream]
 ):
     # The ingress refuses NaN now; an older version stored such events as they came.
     backend = await start_backend()
-    config = make_config(nats_server.url, {"ok.vn": [backend.url]})
+    config = make_config(nats_server.url, {"ok.vn": [backend.url]}, forwarding={"http_transport": http_transport})
     stored_by_an_older_version = b'{"domain":"ok.vn","call_id":"legacy","duration":NaN,"event_id":"legacy-1"}'
     with trio.fail_after(SCENARIO_TIMEOUT):
         async with running_service(config) as service:
