@@ -32,7 +32,10 @@ DOMAIN = "bench.example.vn"
 # Each stack is counted once, for the first part whose marker it contains.
 PARTS = [
     ("domain logs (structlog, log writer)", ["structlog", "log_writer.py", "log_setup.py"]),
-    ("webhook POSTs (httpcore, h11)", ["httpcore", "httpx"]),
+    (
+        "webhook POSTs (the lean transport, httptools; httpcore and h11 with http_transport: httpx)",
+        ["webhook_transport.py", "httptools", "httpcore", "httpx"],
+    ),
     ("forwarder, own code", ["forwarder.py"]),
     ("stats collector", ["stats.py"]),
     ("consumers' fetch loops", ["subscriber.py"]),
