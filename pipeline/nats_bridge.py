@@ -47,8 +47,10 @@ IDLE_FETCH_SECONDS = 5.0
 BATCH_WINDOW_SECONDS = 0.005
 DRAIN_TIMEOUT_SECONDS = 5.0
 RECONNECT_WAIT_SECONDS = 1.0
-# Pause before re-opening a consumer after an error, so a broken server is not hammered.
+# Pause before re-opening a consumer after an error, doubling while it keeps failing,
+# so a consumer the server refuses (an account's consumer limit) costs little.
 RECONSUME_DELAY_SECONDS = 1.0
+RECONSUME_MAX_DELAY_SECONDS = 30.0
 # A dead-letter writer that took an advisory has this long to file it before
 # another instance gets it.
 ADVISORY_ACK_WAIT_SECONDS = 30.0
@@ -106,6 +108,14 @@ class EventTooLarge(Exception):
 
 # What nats-py raises when the server is away or the consumer is gone.
 _NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumeFailure:
+    """Why a consumer cannot be consumed now: the last error and how many tries in a row failed."""
+
+    error: str
+    failures: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -733,28 +743,41 @@ async def keep_consuming(
     jetstream: JetStream,
     open_consumer: Callable[[], Awaitable[PullConsumer]],
     serve: Callable[[PullConsumer], Awaitable[None]],
+    report: Callable[[ConsumeFailure | None], None] = lambda failure: None,
 ) -> NoReturn:
     """Keep a consumer open and call ``serve(consumer)`` again and again, until cancelled.
 
     Whenever NATS interrupts (``NatsUnavailable``: disconnected, reconnected,
-    the consumer gone), the consumer is closed, and opened anew once NATS is
-    back, so a pull subscription never stays dead (nats.py #504).
+    the consumer gone or refused), the consumer is closed, and opened anew once
+    NATS is back, so a pull subscription never stays dead (nats.py #504). While
+    it keeps failing, the pause before the next try doubles from
+    ``RECONSUME_DELAY_SECONDS`` up to ``RECONSUME_MAX_DELAY_SECONDS``; a serve
+    that completes starts again from the first. The first failure in a row is
+    logged as a warning, the next ones at debug. ``report`` is told each
+    failure (with the count in a row) and ``None`` once the consumer is open.
     """
     consumer: PullConsumer | None = None
+    failures = 0
     try:
         while True:
             try:
                 if consumer is None:
                     consumer = await open_consumer()
                     log.info("Consuming", consumer=consumer.name)
+                    report(None)
                 await serve(consumer)
+                failures = 0
             except NatsUnavailable as error:
-                log.warning("Consumer interrupted; re-opening", error=str(error))
+                failures += 1
+                delay = min(RECONSUME_DELAY_SECONDS * 2 ** min(failures - 1, 16), RECONSUME_MAX_DELAY_SECONDS)
+                level = log.warning if failures == 1 else log.debug
+                level("Consumer interrupted; re-opening", error=str(error), failures=failures, retry_in=delay)
+                report(ConsumeFailure(str(error), failures))
                 if consumer is not None:
                     await consumer.close()
                     consumer = None
                 await jetstream.connected.wait_value(True)
-                await trio.sleep(RECONSUME_DELAY_SECONDS)
+                await trio.sleep(delay)
     finally:
         if consumer is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
