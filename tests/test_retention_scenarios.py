@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import httpx
+import nats
+import nats.js.api
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from pipeline.config import load_config
+from pipeline.nats_bridge import RECONSUME_MAX_DELAY_SECONDS
 from pipeline.streams import StreamSetupError
 from tests.conftest import StartBackend
 from tests.harness import (
@@ -203,3 +210,81 @@ async def test_routes_the_nats_account_cannot_serve_are_refused_at_start_and_at_
             await backend.wait_count(1)
     assert reload.status_code == 400 and "4 routed domains need a consumer each" in reload.json()["message"]
     assert routes["route_count"] == 2
+
+
+def _take_consumer_slot(url: str, *, release: bool = False) -> None:
+    """Create (or with ``release``, delete) a durable consumer of the service's stream that no route uses."""
+
+    async def change() -> None:
+        client = await nats.connect(url)
+        if release:
+            await client.jetstream().delete_consumer("test-signals", "slot-taker")
+        else:
+            await client.jetstream().add_consumer(
+                "test-signals",
+                nats.js.api.ConsumerConfig(
+                    durable_name="slot-taker",
+                    filter_subject="test.signal.other",
+                    ack_policy=nats.js.api.AckPolicy.EXPLICIT,
+                ),
+            )
+        await client.close()
+
+    asyncio.run(change())
+
+
+def _unconsumable(response: httpx.Response) -> dict[str, Any]:
+    return response.json()["unconsumable"]
+
+
+async def test_a_domain_whose_consumer_the_account_refuses_backs_off_and_health_counts_it(
+    nursery: trio.Nursery, tmp_path: Path, start_backend: StartBackend
+):
+    # Regression: a refused consumer open was retried every second with a
+    # warning each time (472,796 lines in 7 minutes at 5,000 domains), and
+    # /health said ok while a routed domain got nothing.
+    url = await nursery.start(partial(serve_limited_nats, tmp_path, max_consumers=4))
+    backend = await start_backend()
+    small = {"max_bytes": 10_000_000, "dead_letter_max_bytes": 10_000_000}
+    routes = {"t0.vn": [backend.url], "t1.vn": [backend.url]}
+    path = tmp_path / "config.yaml"
+    write_config(path, url, routes, nats=small)
+    with trio.fail_after(120):
+        async with running_service(load_config(path), config_path=path) as service:
+            # The last free consumer slot goes to someone else: the next routed domain cannot have one.
+            await trio.to_thread.run_sync(_take_consumer_slot, url)
+            write_config(path, url, routes | {"t2.vn": [backend.url]}, nats=small)
+            with capture_logs() as logs:
+                reload = await service.client.post(f"{service.url}/api/config/reload")
+                assert reload.status_code == 200
+                assert (await service.post_event(call_event("t2.vn", "waits"))).status_code == 202
+                # Three failed opens in a row: at 1 s apart each would have been a warning.
+                stats = await wait_for_api(
+                    service,
+                    "/api/stats",
+                    lambda r: (
+                        _unconsumable(r)["count"] == 1
+                        and _unconsumable(r)["examples"].get("t2.vn", {}).get("failures", 0) >= 3
+                    ),
+                )
+            health = (await service.client.get(f"{service.url}/health")).json()
+            for n, domain in enumerate(["t0.vn", "t1.vn"]):
+                assert (await service.post_event(call_event(domain, f"served-{n}"))).status_code == 202
+            await backend.wait_count(2)
+
+            await trio.to_thread.run_sync(partial(_take_consumer_slot, url, release=True))
+            # The next try, at most RECONSUME_MAX_DELAY_SECONDS away, opens t2.vn's consumer.
+            with trio.fail_after(RECONSUME_MAX_DELAY_SECONDS + 10):
+                await backend.wait_count(3)
+                recovered = await wait_for_api(service, "/health", lambda r: r.json()["status"] == "ok")
+            after = await service.client.get(f"{service.url}/api/stats")
+    refusals = [entry for entry in logs if "forward-t2~2evn" in entry.get("error", "")]
+    assert [entry["log_level"] for entry in refusals[:3]] == ["warning", "debug", "debug"]
+    assert len([entry for entry in logs if entry["log_level"] == "warning"]) <= 2
+    assert health["status"] == "degraded"
+    assert health["reason"].startswith("1 routed domain cannot be consumed")
+    assert "t2.vn" not in health["reason"]  # public: no tenant named
+    assert "t2.vn" in stats.json()["unconsumable"]["examples"]
+    assert sorted(body["call_id"] for body in backend.bodies()) == ["served-0", "served-1", "waits"]
+    assert recovered.json() == {"status": "ok", "nats": "connected"}
+    assert _unconsumable(after) == {"count": 0, "examples": {}}

@@ -264,7 +264,16 @@ def service_statistics(
         if domain in store["domains"]:
             store["domains"][domain]["backlog"] = count
     dropped = log_writer.health().dropped_lines if log_writer is not None else 0
-    return store | {"in_flight": flows.in_flight, "log_lines_dropped": dropped, "backlog": waiting}
+    unconsumable = {
+        "count": flows.unconsumable,
+        "examples": {domain: asdict(failure) for domain, failure in flows.unconsumable_examples.items()},
+    }
+    return store | {
+        "in_flight": flows.in_flight,
+        "log_lines_dropped": dropped,
+        "backlog": waiting,
+        "unconsumable": unconsumable,
+    }
 
 
 def _route_list(routes: Routes) -> list[dict[str, Any]]:

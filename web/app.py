@@ -35,6 +35,8 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # What public /health says of failing domain logs; the error itself (which may
 # name a domain's file) goes to stderr and the dashboard.
 _LOGS_FAILING = "writes to the log directory fail (the service's stderr and the dashboard say why)"
+# What public /health says of domains whose consumer cannot be opened.
+_CONSUMERS_FAILING = "their consumers cannot be opened; the service's log and the dashboard say why"
 
 # Without admin.password_sha256 the dashboard and /api/* answer loopback clients only; others are told this.
 _LOOPBACK_ONLY = (
@@ -96,12 +98,24 @@ def create_app(
 
     def health_report(*, detailed: bool = False) -> tuple[dict[str, Any], int]:
         """ok, degraded or unavailable, and why. /health is public: only ``detailed``
-        (the dashboard's copy) names the failing log file, which names a tenant."""
+        (the dashboard's copy) names the failing log file or the domains that
+        cannot be consumed, which name tenants."""
         if not jetstream.connected.value:
             return {"status": "unavailable", "nats": "disconnected", "reason": "not connected to NATS"}, 503
         near_full = backlog.near_full()
         if near_full is not None:
             return {"status": "degraded", "nats": "connected", "reason": near_full}, 200
+        flows = subscriber.statistics()
+        if flows.unconsumable:
+            # Public /health names no tenant: only the dashboard's copy has examples.
+            why = (
+                "; ".join(f"{domain}: {failure.error}" for domain, failure in flows.unconsumable_examples.items())
+                if detailed
+                else _CONSUMERS_FAILING
+            )
+            routed = "routed domain" if flows.unconsumable == 1 else "routed domains"
+            reason = f"{flows.unconsumable} {routed} cannot be consumed ({why})"
+            return {"status": "degraded", "nats": "connected", "reason": reason}, 200
         failing = log_writer.health().failing if log_writer is not None else None
         if failing is not None:
             # Forwarding goes on; only the domain log files are not being written.
