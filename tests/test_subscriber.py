@@ -1,0 +1,40 @@
+"""Unit tests of the subscriber's own logic (in-process, on a mock clock)."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import trio
+import trio.testing
+from structlog.testing import capture_logs
+from trio_util import AsyncValue
+
+from actors.subscriber import UNCONSUMABLE_REPORT_SECONDS, Subscriber
+from pipeline.config import Config
+from pipeline.nats_bridge import ConsumeFailure, JetStream
+
+
+async def test_domains_that_cannot_be_consumed_are_reported_together_once_an_interval(
+    autojump_clock: trio.testing.MockClock,
+):
+    acks, _ = trio.open_memory_channel(0)
+    outcomes, _ = trio.open_memory_channel(0)
+    subscriber = Subscriber(cast(JetStream, None), AsyncValue({}), acks, outcomes, Config(), trio.Event())
+    for domain in ("a.vn", "b.vn"):
+        subscriber._report_consuming(domain, ConsumeFailure("maximum consumers limit reached", 7))
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(subscriber._report_unconsumable)
+            # Three intervals of failures, however many failed opens happen meanwhile.
+            await trio.sleep(2.5 * UNCONSUMABLE_REPORT_SECONDS)
+            subscriber._report_consuming("a.vn", None)
+            subscriber._report_consuming("b.vn", None)
+            # Nothing fails any more: nothing more is said.
+            await trio.sleep(3 * UNCONSUMABLE_REPORT_SECONDS)
+            nursery.cancel_scope.cancel()
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert [entry["event"] for entry in warnings] == ["2 routed domains cannot be consumed"] * 3
+    assert warnings[0]["examples"] == {
+        "a.vn": "maximum consumers limit reached",
+        "b.vn": "maximum consumers limit reached",
+    }
