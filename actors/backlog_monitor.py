@@ -3,6 +3,7 @@ and the ingress's limit on what domains without a route may have waiting."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -45,15 +46,24 @@ class BacklogMonitor:
 
     In: the stream's state, read every ``POLL_SECONDS`` (the first time before
     it reports started); the ingress's admissions of events for domains without
-    a route (``admit_unrouted``, ``settle_unrouted``). Out: ``latest`` (None
+    a route (``admit_unrouted``, ``settle_unrouted``). Out: each reading's
+    waiting events by domain to ``on_reading`` (the subscriber wakes those
+    domains); ``latest`` (None
     until the first read and while NATS cannot answer), the reports built from
     it for /health, /api/stats and the dashboard, and the answer to whether an
     unrouted event may be stored. Runs until ``stopping`` is set.
     Back-pressure: none needed; one read at a time.
     """
 
-    def __init__(self, jetstream: JetStream, routes: AsyncValue[Routes], stopping: trio.Event) -> None:
+    def __init__(
+        self,
+        jetstream: JetStream,
+        routes: AsyncValue[Routes],
+        stopping: trio.Event,
+        on_reading: Callable[[Mapping[str, int]], None],
+    ) -> None:
         self._jetstream = jetstream
+        self._on_reading = on_reading
         self._routes = routes
         self._stopping = stopping
         self.latest: StreamBacklog | None = None
@@ -88,6 +98,7 @@ class BacklogMonitor:
             log.debug("Cannot read the backlog", error=str(error))
             self.latest = None
             return
+        self._on_reading(backlog.by_domain)
         unrouted = sum(count for domain, count in backlog.by_domain.items() if domain not in routes)
         self._read = _Tally(unrouted, backlog.bytes)
         self._stored_before_read = stored_before

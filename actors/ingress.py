@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -40,6 +41,8 @@ class Ingress:
     (its receipt or the error), set before its ``done`` event. Whatever is
     waiting in the inbox is published together in one bridge crossing. Runs
     until the inbox is closed (the HTTP server has stopped) and drained.
+    Each stored event wakes its domain (``wake``), so a dormant domain
+    starts consuming at once.
     Back-pressure: the bounded inbox; a full one makes handlers wait.
     """
 
@@ -48,10 +51,12 @@ class Ingress:
         jetstream: JetStream,
         requests: trio.MemoryReceiveChannel[PublishRequest],
         routes: AsyncValue[Routes],
+        wake: Callable[[str], None],
     ) -> None:
         self._jetstream = jetstream
         self._requests = requests
         self._routes = routes
+        self._wake = wake
         self._warned_unrouted: set[str] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -73,6 +78,7 @@ class Ingress:
         if isinstance(outcome, Exception):
             log.error("Failed to publish event", **event.fields, error=str(outcome) or type(outcome).__name__)
             return
+        self._wake(event.domain)
         log.info(
             "Event received and published",
             **event.fields,

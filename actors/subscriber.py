@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import partial
 
 import httpx
@@ -27,32 +28,48 @@ UNCONSUMABLE_REPORT_SECONDS = 60.0
 UNCONSUMABLE_EXAMPLES = 5
 
 
+@dataclass(eq=False, slots=True)
+class _Domain:
+    """A routed domain's state: ``woken`` is set when it has work (replaced once that work is done)."""
+
+    woken: trio.Event = field(default_factory=trio.Event)
+
+
 @dataclass(frozen=True, slots=True)
 class SubscriberStatistics:
     in_flight: int
     in_flight_by_domain: dict[str, int]
+    consuming: int  # routed domains with work now, each with its consumer and forwarder
     # Routed domains whose consumer cannot be opened or keeps failing, and a few of them (by name).
     unconsumable: int
     unconsumable_examples: dict[str, ConsumeFailure]
 
 
 class Subscriber:
-    """Feeds each routed domain's forwarder from that domain's own consumer.
+    """Feeds each routed domain's forwarder from that domain's own consumer, while it has work.
 
-    In: the routes, followed as they change. Out: ``Delivery`` to
+    In: the routes, followed as they change; wakes (``wake``, ``wake_waiting``)
+    for domains with events waiting: from the ingress as it stores each event,
+    and from each reading of the backlog (events other instances stored,
+    events waiting since before the start). Out: ``Delivery`` to
     ``forwarder[domain]``, never more than the forwarder has room for (its
     ``room`` semaphore counts free in-flight slots; a fetch asks for exactly
     those), so no message waits in memory while its ack_wait runs out, and a
-    domain whose backend hangs stops fetching while the others go on. A domain
-    that gains a route gets its consumer and forwarder at once (its waiting
-    events are then delivered); a domain that loses its route stops being
-    fetched, and its forwarder finishes its in-flight events and retires (its
-    undelivered events stay in the stream). A domain whose consumer cannot be
-    opened (or keeps failing) is retried with a growing pause; ``statistics()``
-    counts such domains and one warning per ``UNCONSUMABLE_REPORT_SECONDS``
-    names a few. Runs until ``stopping`` is set:
-    then it stops fetching, closes every forwarder's inbox, waits for them to
-    finish their in-flight events, and closes its acks and outcomes channels.
+    domain whose backend hangs stops fetching while the others go on.
+
+    A routed domain is dormant until woken: no consumer, no forwarder, no
+    fetch, so idle tenants cost next to nothing. Woken, it opens its consumer
+    and forwarder and fetches until its consumer is drained (nothing waiting,
+    nothing unacknowledged); after ``nats.consumer_idle_seconds`` more with
+    nothing to do, the consumer is deleted and the domain is dormant again. A
+    domain that loses its route stops being fetched, and its forwarder finishes
+    its in-flight events and retires (its undelivered events stay in the
+    stream). A domain whose consumer cannot be opened (or keeps failing) is
+    retried with a growing pause; ``statistics()`` counts such domains and one
+    warning per ``UNCONSUMABLE_REPORT_SECONDS`` names a few. Runs until
+    ``stopping`` is set: then it stops fetching, closes every forwarder's inbox,
+    waits for them to finish their in-flight events, and closes its acks and
+    outcomes channels.
     """
 
     def __init__(
@@ -73,6 +90,7 @@ class Subscriber:
         # CA bundle (~0.9 MB), which is too much per domain.
         self._tls = httpx.create_ssl_context()
         self._retirements: dict[str, trio.Event] = {}  # routed domain → set when its route goes
+        self._domains: dict[str, _Domain] = {}  # routed domain → its state
         self._unconsumable: dict[str, ConsumeFailure] = {}  # routed domain → why its consumer fails
         self._config = config
         self._stopping = stopping
@@ -86,6 +104,7 @@ class Subscriber:
         return SubscriberStatistics(
             in_flight=sum(in_flight.values()),
             in_flight_by_domain=in_flight,
+            consuming=len(self._forwarders),
             unconsumable=len(self._unconsumable),
             unconsumable_examples=self._unconsumable_examples(),
         )
@@ -129,7 +148,40 @@ class Subscriber:
         else:
             self._unconsumable[domain] = failure
 
+    def wake(self, domain: str) -> None:
+        """``domain`` has events waiting (just stored here, or seen in the stream): consume it."""
+        state = self._domains.get(domain)
+        if state is not None:
+            state.woken.set()
+
+    def wake_waiting(self, waiting_by_domain: Mapping[str, int]) -> None:
+        """Wake every domain with events in the stream (a reading of the backlog)."""
+        for domain, waiting in waiting_by_domain.items():
+            if waiting:
+                self.wake(domain)
+
     async def _serve_domain(self, domain: str, retire: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
+        """Consume ``domain`` whenever it has work, until its route goes or the service stops.
+
+        Dormant, a domain costs one waiting task: no consumer, no forwarder, no fetch.
+        """
+        state = self._domains[domain] = _Domain()
+        task_status.started()
+        try:
+            while True:
+                await trio_util.wait_any(self._stopping.wait, retire.wait, state.woken.wait)
+                if self._stopping.is_set() or retire.is_set():
+                    return
+                await self._consume(domain, state, retire)
+        finally:
+            # A route that came back meanwhile has a task of its own by now.
+            if self._domains.get(domain) is state:
+                del self._domains[domain]
+                self._unconsumable.pop(domain, None)
+
+    async def _consume(self, domain: str, state: _Domain, retire: trio.Event) -> None:
+        """Run the domain's forwarder and feed it from the domain's consumer until the consumer is
+        deleted for idleness, the route goes or the service stops; then let the forwarder finish."""
         max_in_flight = self._config.forwarding.max_in_flight_per_domain
         room = trio.Semaphore(max_in_flight)
         send, receive = trio.open_memory_channel[Delivery](max_in_flight)
@@ -150,23 +202,26 @@ class Subscriber:
             async with trio.open_nursery() as nursery:
                 await nursery.start(forwarder.run)
                 with send:
-                    async with trio.open_nursery() as fetching:
-                        fetching.start_soon(self._fetch_forever, domain, send, room)
-                        task_status.started()
-                        await trio_util.wait_any(self._stopping.wait, retire.wait)
-                        fetching.cancel_scope.cancel()
+                    await trio_util.wait_any(
+                        self._stopping.wait, retire.wait, partial(self._fetch_while_busy, domain, state, send, room)
+                    )
         finally:
-            # A route that came back meanwhile has a forwarder of its own by now.
             if self._forwarders.get(domain) is forwarder:
                 del self._forwarders[domain]
-                self._unconsumable.pop(domain, None)
 
-    async def _fetch_forever(
-        self, domain: str, forwarder: trio.MemorySendChannel[Delivery], room: trio.Semaphore
+    async def _fetch_while_busy(
+        self, domain: str, state: _Domain, forwarder: trio.MemorySendChannel[Delivery], room: trio.Semaphore
     ) -> None:
+        """Fetch into the forwarder's room; return once the consumer was deleted for idleness.
+
+        A fetch that comes back empty while nothing is in flight asks whether the
+        consumer is drained (nothing waiting, nothing unacknowledged). If so, the
+        domain waits for a wake; after ``nats.consumer_idle_seconds`` without
+        one, the consumer is deleted, if still drained.
+        """
         max_in_flight = self._config.forwarding.max_in_flight_per_domain
 
-        async def fetch_into_room(consumer: PullConsumer) -> None:
+        async def fetch_into_room(consumer: PullConsumer) -> bool:
             await room.acquire()
             wanted = 1
             while wanted < max_in_flight:
@@ -185,11 +240,26 @@ class Subscriber:
                 # The channel holds max_in_flight and the room semaphore
                 # admits no more, so this never blocks.
                 forwarder.send_nowait(delivery)
+            return bool(deliveries)
 
-        with structlog.contextvars.bound_contextvars(domain=domain):
+        async def serve(consumer: PullConsumer) -> None:
+            if await fetch_into_room(consumer) or room.value < max_in_flight:
+                return
+            # A wake from now on means new work, whatever the consumer says next.
+            state.woken = trio.Event()
+            if not await consumer.drained():
+                return
+            with trio.move_on_after(self._config.nats.consumer_idle_seconds):
+                await state.woken.wait()
+                return
+            if await consumer.delete_if_drained():
+                log.debug("Consumer deleted; the domain had nothing to do", consumer=consumer.name)
+                idle.cancel()
+
+        with structlog.contextvars.bound_contextvars(domain=domain), trio.CancelScope() as idle:
             await keep_consuming(
                 self._jetstream,
                 partial(self._jetstream.open_consumer, domain, max_in_flight),
-                fetch_into_room,
+                serve,
                 partial(self._report_consuming, domain),
             )

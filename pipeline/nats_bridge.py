@@ -161,8 +161,9 @@ class Delivery:
 class PullConsumer:
     """A durable pull consumer (a domain's, or the dead-letter writers'), bound to a subscription."""
 
-    def __init__(self, js: JetStream, name: str, subscription: JetStreamContext.PullSubscription) -> None:
+    def __init__(self, js: JetStream, stream: str, name: str, subscription: JetStreamContext.PullSubscription) -> None:
         self.name = name
+        self._stream = stream
         self._js = js
         self._subscription = subscription
         self._backlog = False  # the last delivery said more messages were waiting
@@ -204,6 +205,32 @@ class PullConsumer:
             return await self._subscription.fetch(batch, timeout=wait_seconds)
         except TimeoutError:  # nats-py raises its own subclass, or asyncio's
             return []
+
+    async def drained(self) -> bool:
+        """Whether nothing waits for this consumer and nothing it delivered is unacknowledged."""
+
+        async def read() -> bool:
+            info = await self._js._context.consumer_info(self._stream, self.name)
+            return not info.num_pending and not info.num_ack_pending
+
+        try:
+            return await aio_as_trio(read)()
+        except _NATS_ERRORS as error:
+            raise NatsUnavailable(f"cannot read consumer {self.name}: {error or type(error).__name__}") from error
+
+    async def delete_if_drained(self) -> bool:
+        """Delete the durable consumer if it is drained; whether it was.
+
+        One that holds unacknowledged events is kept: a new consumer would
+        count their deliveries from one again, past max_deliveries.
+        """
+        if not await self.drained():
+            return False
+        try:
+            await aio_as_trio(self._js._context.delete_consumer)(self._stream, self.name)
+        except _NATS_ERRORS as error:
+            raise NatsUnavailable(f"cannot delete consumer {self.name}: {error or type(error).__name__}") from error
+        return True
 
     async def close(self) -> None:
         """Stop the subscription (the durable consumer stays on the server)."""
@@ -731,7 +758,7 @@ class JetStream:
             subscription = await aio_as_trio(create)()
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"cannot open consumer {name}: {error or type(error).__name__}") from error
-        return PullConsumer(self, name, subscription)
+        return PullConsumer(self, stream, name, subscription)
 
 
 def _header_block_size(headers: dict[str, str]) -> int:
@@ -763,7 +790,7 @@ async def keep_consuming(
             try:
                 if consumer is None:
                     consumer = await open_consumer()
-                    log.info("Consuming", consumer=consumer.name)
+                    log.debug("Consuming", consumer=consumer.name)
                     report(None)
                 await serve(consumer)
                 failures = 0

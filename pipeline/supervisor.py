@@ -111,7 +111,7 @@ async def _run_pipeline(
                 max_domains=config.stats.max_domains,
             )
             subscriber = Subscriber(jetstream, routes, acks_send, outcomes_send, config, stopping)
-            backlog = BacklogMonitor(jetstream, routes, stopping)
+            backlog = BacklogMonitor(jetstream, routes, stopping, subscriber.wake_waiting)
             reload_send, reload_receive = trio.open_memory_channel[ReloadRequest](RELOAD_QUEUE_SIZE)
             watcher = None
             if config_path is not None:
@@ -123,10 +123,11 @@ async def _run_pipeline(
                     await actors.start(watcher.run)
                 await actors.start(stats.run)
                 await actors.start(DeadLetterWriter(jetstream, stats.last_failure, stopping).run)
-                await actors.start(backlog.run)
                 await actors.start(Acknowledger(jetstream, acks_receive).run)
+                # Before the backlog monitor: its first reading wakes the domains with events waiting.
                 await actors.start(subscriber.run)
-                await actors.start(Ingress(jetstream, publish_receive, routes).run)
+                await actors.start(backlog.run)
+                await actors.start(Ingress(jetstream, publish_receive, routes, subscriber.wake).run)
                 make_app = partial(
                     create_app,
                     config,

@@ -178,19 +178,26 @@ class NatsServer:
         assert self._scope is not None
         self._scope.cancel()
 
-    async def consumer_state(self, stream: str, consumer: str) -> dict[str, Any]:
-        """The consumer's state from the server's monitoring endpoint (/jsz)."""
+    async def consumers(self, stream: str) -> dict[str, dict[str, Any]]:
+        """The stream's consumers by name, with their state, from the server's monitoring endpoint (/jsz)."""
         async with httpx.AsyncClient() as client:
             response = await client.get(
                 f"http://127.0.0.1:{self.monitor_port}/jsz", params={"consumers": "true", "config": "true"}
             )
-        for account in response.json().get("account_details", []):
-            for stream_detail in account.get("stream_detail", []):
-                if stream_detail["name"] == stream:
-                    for info in stream_detail.get("consumer_detail", []):
-                        if info["name"] == consumer:
-                            return info
-        raise LookupError(f"no consumer {consumer} on stream {stream}")
+        return {
+            info["name"]: info
+            for account in response.json().get("account_details", [])
+            for stream_detail in account.get("stream_detail", [])
+            if stream_detail["name"] == stream
+            for info in stream_detail.get("consumer_detail", [])
+        }
+
+    async def consumer_state(self, stream: str, consumer: str) -> dict[str, Any]:
+        """The consumer's state from the server's monitoring endpoint (/jsz)."""
+        consumers = await self.consumers(stream)
+        if consumer not in consumers:
+            raise LookupError(f"no consumer {consumer} on stream {stream}")
+        return consumers[consumer]
 
 
 async def serve_limited_nats(

@@ -203,6 +203,7 @@ def register_api(
         [outcome] = await jetstream.publish_batch([replayed])
         if isinstance(outcome, Exception):
             return {"status": "error", "error": f"not replayed: {outcome or type(outcome).__name__}"}, 503
+        subscriber.wake(replayed.domain)
         await jetstream.delete_dead_letter(letter.sequence)
         return {
             "status": "replayed",
@@ -270,6 +271,7 @@ def service_statistics(
     }
     return store | {
         "in_flight": flows.in_flight,
+        "consuming_domains": flows.consuming,
         "log_lines_dropped": dropped,
         "backlog": waiting,
         "unconsumable": unconsumable,

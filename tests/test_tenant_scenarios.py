@@ -1,0 +1,78 @@
+"""Scenarios: many routed tenants; only those with work hold a consumer."""
+
+from __future__ import annotations
+
+import httpx
+import trio
+
+from pipeline.events import consumer_name
+from tests.conftest import StartBackend
+from tests.harness import call_event, make_config, running_service, wait_for_api
+
+STREAM = "test-signals"
+
+
+def _nothing_consuming(response: httpx.Response) -> bool:
+    return response.json()["consuming_domains"] == 0
+
+
+async def test_only_domains_with_work_hold_a_consumer(nats_server, start_backend: StartBackend):
+    # Regression: every routed domain held a consumer and long-polled it every
+    # 5 s, so idle tenants cost CPU, and on a cluster a raft group each.
+    release = trio.Event()
+    backend = await start_backend()
+    backend.release = release
+    routes = {f"tenant-{n}.vn": [backend.url] for n in range(50)}
+    config = make_config(nats_server.url, routes, nats={"consumer_idle_seconds": 0.2})
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            idle = await nats_server.consumers(STREAM)
+            assert (await service.post_event(call_event("tenant-7.vn", "first"))).status_code == 202
+            await backend.wait_count(1)
+            # The event is being forwarded (unacknowledged): its domain's consumer holds it.
+            working = await nats_server.consumers(STREAM)
+            release.set()
+            await wait_for_api(service, "/api/stats", _nothing_consuming)
+            after = await nats_server.consumers(STREAM)
+            # Its next event opens a consumer again.
+            assert (await service.post_event(call_event("tenant-7.vn", "second"))).status_code == 202
+            await backend.completed.wait_value(2)
+    assert idle == {}
+    assert list(working) == [consumer_name("tenant-7.vn")]
+    assert working[consumer_name("tenant-7.vn")]["num_ack_pending"] == 1
+    assert after == {}
+    assert [body["call_id"] for body in backend.bodies()] == ["first", "second"]
+
+
+async def test_a_consumer_holding_an_unacknowledged_event_is_kept_so_its_deliveries_still_count(
+    nats_server, start_backend: StartBackend
+):
+    # Between attempts the domain has nothing in flight and its fetches come back
+    # empty (ack_wait is longer than an idle fetch), yet the consumer holds the
+    # event: deleting it would restart the count, and the event would never be
+    # dead-lettered.
+    backend = await start_backend(lambda number, body: 503)
+    config = make_config(
+        nats_server.url,
+        {"down.vn": [backend.url]},
+        nats={"consumer_idle_seconds": 0.1, "ack_wait_seconds": 5.5, "max_deliveries": 3},
+    )
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            assert (await service.post_event(call_event("down.vn", "refused"))).status_code == 202
+            letters = await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 1)
+    assert backend.attempts_of("refused") == [1, 2, 3]
+    assert letters.json()["dead_letters"][0]["delivery_attempts"] == 3
+
+
+async def test_an_event_another_instance_stored_wakes_its_domain_here(nats_server, start_backend: StartBackend):
+    # The storing instance wakes its own consumers at once; the others learn of
+    # the event from their next reading of the stream's backlog.
+    backend = await start_backend()
+    storing = make_config(nats_server.url, {})
+    serving = make_config(nats_server.url, {"far.vn": [backend.url]})
+    with trio.fail_after(60):
+        async with running_service(serving), running_service(storing) as other:
+            assert (await other.post_event(call_event("far.vn", "via-other"))).status_code == 202
+            await backend.wait_count(1)
+    assert [body["call_id"] for body in backend.bodies()] == ["via-other"]
