@@ -1,11 +1,12 @@
 """Starting and driving the bench's processes: the service, the webhook sinks, the baseline, wrk.
 
-Every process runs on this machine over loopback. bench/run.py and
-bench/profile.py build their scenarios from these pieces.
+Every process runs on this machine over loopback. bench/run.py,
+bench/tenants.py and bench/profile.py build their scenarios from these pieces.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -17,9 +18,12 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nats
+import proctree
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -36,22 +40,33 @@ def free_port() -> int:
 
 
 def wait_http(
-    url: str, timeout: float = 60, process: subprocess.Popen | None = None, errors: Path | None = None
+    url: str,
+    timeout: float = 60,
+    process: subprocess.Popen | None = None,
+    errors: Path | None = None,
+    healthy: bool = False,
 ) -> None:
-    """Wait for ``url`` to answer; fail at once, with its last error line, if ``process`` exits first."""
+    """Wait for ``url`` to answer (with ``healthy``: 200 with JSON ``"status": "ok"``, as /health
+    says when all is well); fail at once, with its last error line, if ``process`` exits first."""
     end = time.monotonic() + timeout
+    answer = "no answer"
     while time.monotonic() < end:
         if process is not None and process.poll() is not None:
             last = errors.read_text().strip().splitlines()[-1:] if errors else []
             raise SystemExit(f"{url}: the process exited ({process.returncode}) before answering. {' '.join(last)}")
         try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} did not answer within {timeout} s")
+            with urllib.request.urlopen(url, timeout=1) as response:
+                answer = response.read().decode(errors="replace")
+            if not healthy or json.loads(answer).get("status") == "ok":
+                return
+        except urllib.error.HTTPError as error:
+            answer = f"{error.code} {error.read().decode(errors='replace')}"
+            if not healthy:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not answer{' healthy' if healthy else ''} within {timeout} s (last: {answer})")
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -108,6 +123,7 @@ class Sink:
     url: str
     received: int = 0
     latencies: list[float] = field(default_factory=list)
+    by_domain: Counter[str] = field(default_factory=Counter)  # requests received, per event domain
     reported_at: float = 0.0
     reports: threading.Condition = field(default_factory=threading.Condition)
 
@@ -117,8 +133,19 @@ class Sink:
             with self.reports:
                 self.received = line["received"]
                 self.latencies += line["latencies_ms"]
+                self.by_domain.update(line["domains"])
                 self.reported_at = line["at"]
                 self.reports.notify_all()
+
+    def mark(self) -> SinkMark:
+        """Where the sink's counts stand now, for ``since``."""
+        with self.reports:
+            return SinkMark(self.received, len(self.latencies), Counter(self.by_domain))
+
+    def since(self, mark: SinkMark) -> tuple[list[float], Counter[str]]:
+        """The e2e latencies (ms) and the requests per domain received after ``mark``."""
+        with self.reports:
+            return self.latencies[mark.latencies :], self.by_domain - mark.by_domain
 
     def poll(self) -> None:
         """Wait for the sink's first report made after this call (it reports once a second)."""
@@ -126,6 +153,13 @@ class Sink:
         with self.reports:
             if not self.reports.wait_for(lambda: self.reported_at >= asked, timeout=10):
                 raise RuntimeError(f"sink {self.url} stopped reporting")
+
+
+@dataclass(frozen=True)
+class SinkMark:
+    received: int
+    latencies: int
+    by_domain: Counter[str]
 
 
 def start_sink(processes: list, hang: bool = False) -> Sink:
@@ -143,10 +177,42 @@ def start_sink(processes: list, hang: bool = False) -> Sink:
 class Service:
     process: subprocess.Popen
     url: str
+    config: dict
+    log: Path  # the service's own log (JSON lines)
+    started_at: float  # time.monotonic() just before the process was started
+    ready_s: float  # from then to the first answer of /health (a healthy one if start_service was asked)
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def nats_url(self) -> str:
+        """The NATS server the service uses: the configured one, or the embedded server's (from the log)."""
+        if self.config["nats"]["url"] != "embedded":
+            return self.config["nats"]["url"]
+        for raw in self.log.read_text().splitlines():
+            record = json.loads(raw)
+            if record.get("msg") == "Embedded nats-server ready":
+                return record["url"]
+        raise RuntimeError(f"{self.log}: the embedded nats-server's URL is not logged")
+
+    def consumers(self) -> int | None:
+        """How many consumers the event stream has on the server (None, with a line on stderr, if NATS
+        does not say): its own client, so the service's connection is not involved."""
+        stream = self.config["nats"].get("stream_name", "call-signals")
+
+        async def count() -> int:
+            client = await nats.connect(self.nats_url(), allow_reconnect=False, connect_timeout=5)
+            try:
+                return (await client.jetstream(timeout=30).stream_info(stream)).state.consumer_count
+            finally:
+                await client.close()
+
+        try:
+            return asyncio.run(count())
+        except (OSError, TimeoutError, nats.errors.Error) as error:
+            print(f"consumers of {stream!r}: {error!r}", file=sys.stderr)
+            return None
 
 
 def merged(base: dict, extra: dict) -> dict:
@@ -169,23 +235,69 @@ def service_config(work: Path, port: int, routes: dict[str, list[str]], extra: d
     return merged(config, extra)
 
 
-def start_service(work: Path, routes: dict[str, list[str]], processes: list, extra: dict | None = None) -> Service:
-    """The service on a fresh port and data directory, with ``extra`` (YAML's mapping) merged into its config."""
+def start_service(
+    work: Path,
+    routes: dict[str, list[str]],
+    processes: list,
+    extra: dict | None = None,
+    healthy: bool = False,
+    timeout: float = 60,
+) -> Service:
+    """The service on a fresh port and data directory, with ``extra`` (YAML's mapping) merged into its config.
+
+    Returns once /health answers (with ``healthy``: answers 200 with status ok), within ``timeout``.
+    """
     work.mkdir(parents=True)
     port = free_port()
     config = service_config(work, port, routes, extra or {})
     (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    errors = work / "service-stderr.txt"
+    errors, log = work / "service-stderr.txt", work / "service-log.jsonl"
+    started_at = time.monotonic()
     with errors.open("w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "-config", str(work / "config.yaml")],
+            [sys.executable, "-m", "pipeline", "-config", str(work / "config.yaml"), "-log-file", str(log)],
             cwd=work,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
     processes.append(process)
-    wait_http(f"http://127.0.0.1:{port}/health", process=process, errors=errors)
-    return Service(process, f"http://127.0.0.1:{port}")
+    wait_http(f"http://127.0.0.1:{port}/health", timeout, process, errors, healthy)
+    ready_s = round(time.monotonic() - started_at, 2)
+    return Service(process, f"http://127.0.0.1:{port}", config, log, started_at, ready_s)
+
+
+def tree_figures(service: Service, meter: proctree.CpuMeter, events: int) -> dict:
+    """CPU per 1,000 events since ``meter`` started and peak RSS: service, nats-server and both."""
+    cpu = meter.used()
+    peak = proctree.memory_mb(service.pid, "VmHWM")
+    figures: dict = {"cpu_s": cpu}
+    for suffix, seconds, mb in (
+        ("service", cpu["service"], peak["service"]),
+        ("nats", cpu["nats-server"], peak["nats-server"]),
+        ("total", sum(cpu.values()), sum(peak.values())),
+    ):
+        figures[f"cpu_s_per_1000_events_{suffix}"] = round(seconds / max(events, 1) * 1000, 3)
+        figures[f"peak_rss_mb_{suffix}"] = round(mb, 1)
+    return figures
+
+
+def paced(url: str, rate: float, seconds: float, domains: list[str]) -> dict:
+    """bench/paced.py against ``url``: ``rate`` × ``seconds`` events, event n to ``domains[n % len(domains)]``.
+
+    The domains go in a file (thousands of them are too long for one argument); returns paced.py's report.
+    """
+    listing = Path(tempfile.mkstemp(suffix=".domains")[1])
+    listing.write_text("\n".join(domains) + "\n")
+    try:
+        out = subprocess.run(
+            [sys.executable, str(HERE / "paced.py"), url, str(rate), str(seconds), f"@{listing}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        listing.unlink()
+    return json.loads(out)
 
 
 def stop(process: subprocess.Popen) -> None:

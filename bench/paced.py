@@ -1,9 +1,11 @@
 """A paced load generator: POSTs events at a fixed rate, each stamped with ``sent_at``.
 
 Run: python bench/paced.py URL RATE SECONDS DOMAIN[,DOMAIN…]
-Sends on a fixed schedule (not closed-loop: a slow answer does not slow the
-schedule) over a pool of keep-alive connections; prints one JSON line with
-what was sent, accepted and the POST latencies.
+     python bench/paced.py URL RATE SECONDS @FILE   (one domain a line: thousands do not fit in argv)
+Sends RATE × SECONDS events on a fixed schedule (not closed-loop: a slow answer
+does not slow the schedule) over a pool of keep-alive connections, event n to
+the n-th domain of the list (round and round); prints one JSON line with what
+was sent, accepted and the POST latencies.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from threading import local
 
 _connections = local()
@@ -55,7 +58,7 @@ async def main(url: str, rate: float, seconds: float, domains: list[str]) -> Non
     pool = ThreadPoolExecutor(max_workers=64)
     pending = []
     start = time.monotonic()
-    total = int(rate * seconds)
+    total = round(rate * seconds)
     for n in range(total):
         await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
         event = {
@@ -86,5 +89,11 @@ async def main(url: str, rate: float, seconds: float, domains: list[str]) -> Non
     )
 
 
+def domain_list(argument: str) -> list[str]:
+    if argument.startswith("@"):
+        return Path(argument[1:]).read_text().split()
+    return argument.split(",")
+
+
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4].split(",")))
+    asyncio.run(main(sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), domain_list(sys.argv[4])))

@@ -16,7 +16,6 @@ bench/results/profile-<date>.txt.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
-from harness import HERE, ensure_wrk, start_service, start_sink, stop, wrk
+from harness import HERE, ensure_wrk, paced, start_service, start_sink, stop, wrk
 from proctree import CpuMeter
 
 DOMAIN = "bench.example.vn"
@@ -91,13 +90,7 @@ def main() -> None:
         )
         meter = CpuMeter(service.pid)
         if args.rate:
-            out = subprocess.run(
-                [sys.executable, str(HERE / "paced.py"), service.url, str(args.rate), str(args.seconds), DOMAIN],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            accepted = json.loads(out)["accepted"]
+            accepted = paced(service.url, args.rate, args.seconds, [DOMAIN])["accepted"]
         else:
             load = wrk(f"{service.url}/events", args.seconds, [DOMAIN])
             accepted = load["requests"] - load["errors"]

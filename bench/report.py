@@ -48,11 +48,51 @@ SPLIT_METRICS = tuple(
         Metric(f"peak RSS MB: {label}", named(f"peak_rss_mb_{suffix}")),
     )
 )
+# The tenants scenario (bench/tenants.py): one table, a column per tenant count.
+TENANTS_METRICS = (
+    Metric("rate of phases 3 and 4, events/s", named("rate"), 0),
+    Metric("start → /health 200 ok, s", named("healthy_s"), 2),
+    Metric("start → a consumer for every routed domain, s", named("consumers_ready_s"), 2),
+    Metric("idle CPU % of a core: service (Python)", named("idle_cpu_pct_service"), 1),
+    Metric("idle CPU % of a core: nats-server", named("idle_cpu_pct_nats"), 1),
+    Metric("idle RSS MB: service (Python)", named("idle_rss_mb_service")),
+    Metric("idle RSS MB: nats-server", named("idle_rss_mb_nats")),
+    Metric("consumers after idle", named("consumers_after_idle"), 0),
+    Metric("one event each: accepted", named("one_each_accepted"), 0),
+    Metric("one event each: domains without their event", named("one_each_domains_short"), 0),
+    Metric("one event each: POST p99 ms", named("one_each_post_p99_ms")),
+    Metric("one event each: e2e p50 ms", named("one_each_e2e_p50_ms")),
+    Metric("one event each: e2e p99 ms", named("one_each_e2e_p99_ms")),
+    Metric(
+        "one event each: CPU s per 1,000 events: service (Python)", named("one_each_cpu_s_per_1000_events_service"), 2
+    ),
+    Metric("one event each: CPU s per 1,000 events: nats-server", named("one_each_cpu_s_per_1000_events_nats"), 2),
+    Metric("consumers after one event each", named("consumers_after_one_each"), 0),
+    Metric("hang: events sent (all domains)", named("hang_sent"), 0),
+    Metric("hang: events accepted", named("hang_accepted"), 0),
+    Metric("hang: other domains short of their events", named("hang_domains_short"), 0),
+    Metric("hang: POST p99 ms", named("hang_post_p99_ms")),
+    Metric("hang: others' e2e p50 ms", named("hang_e2e_p50_ms")),
+    Metric("hang: others' e2e p99 ms", named("hang_e2e_p99_ms")),
+    Metric("hang: events to the hanging domain", named("hang_stuck_sent"), 0),
+    Metric("hang: requests the hanging sink received", named("hang_stuck_received"), 0),
+    Metric("hang: CPU s per 1,000 events: service (Python)", named("cpu_s_per_1000_events_service"), 2),
+    Metric("hang: CPU s per 1,000 events: nats-server", named("cpu_s_per_1000_events_nats"), 2),
+    Metric("hang: CPU s per 1,000 events: both", named("cpu_s_per_1000_events_total"), 2),
+    Metric("consumers after the hang phase", named("consumers_after_hang"), 0),
+    Metric("peak RSS MB over the run: service (Python)", named("peak_rss_mb_service")),
+    Metric("peak RSS MB over the run: nats-server", named("peak_rss_mb_nats")),
+)
 MEMORY_METRICS = (
     Metric("memory: events", named("events"), 0),
     Metric("memory: RSS MB at half (service + nats-server)", named("rss_at_half_mb")),
     Metric("memory: RSS MB at the end (service + nats-server)", named("rss_at_end_mb")),
 )
+
+
+def tenant_counts(results: Results) -> list[int]:
+    """The tenant counts the tenants scenario ran at (its results are named ``tenants_<count>``)."""
+    return sorted(int(name.removeprefix("tenants_")) for name in results if name.startswith("tenants_"))
 
 
 def values(runs: list[dict], get: Callable[[dict], float | None]) -> list[float]:
@@ -76,7 +116,7 @@ def table(results: Results) -> str:
     """One row per scenario, each number the median and spread of its runs."""
     rows = [_row(["scenario", *(metric.label for metric in METRICS)]), "|---" * (len(METRICS) + 1) + "|"]
     for name, runs in results.items():
-        if name != "memory":
+        if name != "memory" and not name.startswith("tenants_"):
             rows.append(_row([name, *(cell(values(runs, m.get), m.digits) for m in METRICS)]))
     return "\n".join(rows)
 
@@ -85,11 +125,23 @@ def process_table(results: Results) -> str:
     """CPU and peak RSS of the service's process tree: the service, nats-server, and both."""
     rows = ["| scenario | process | CPU s per 1,000 events | peak RSS MB |", "|---|---|---|---|"]
     for name, runs in results.items():
-        if "peak_rss_mb_total" not in runs[0]:
+        if "peak_rss_mb_total" not in runs[0] or name.startswith("tenants_"):
             continue
         for label, suffix in PROCESSES:
             cpu = cell(values(runs, named(f"cpu_s_per_1000_events_{suffix}")), 2)
             rows.append(_row([name, label, cpu, cell(values(runs, named(f"peak_rss_mb_{suffix}")), 1)]))
+    return "\n".join(rows)
+
+
+def tenants_table(results: Results) -> str:
+    """The tenants scenario's figures, one column per tenant count ("" if it did not run)."""
+    counts = tenant_counts(results)
+    if not counts:
+        return ""
+    rows = [_row(["figure", *(f"{count:,} domains" for count in counts)]), "|---" * (len(counts) + 1) + "|"]
+    for metric in TENANTS_METRICS:
+        cells = [cell(values(results[f"tenants_{count}"], metric.get), metric.digits) for count in counts]
+        rows.append(_row([metric.label, *cells]))
     return "\n".join(rows)
 
 
@@ -109,7 +161,7 @@ def ab_table(a: Results, b: Results, labels: tuple[str, str]) -> str:
     """Every figure of A and B side by side, with the ratio of their medians (B / A)."""
     rows = [_row(["scenario", "figure", labels[0], labels[1], "B / A (medians)"]), "|---|---|---|---|---|"]
     for name in dict.fromkeys([*a, *b]):
-        for metric in (*METRICS, *SPLIT_METRICS, *MEMORY_METRICS):
+        for metric in (*METRICS, *SPLIT_METRICS, *MEMORY_METRICS, *TENANTS_METRICS):
             found_a, found_b = values(a.get(name, []), metric.get), values(b.get(name, []), metric.get)
             if not found_a and not found_b:
                 continue
@@ -206,6 +258,65 @@ def verdicts(results: Results) -> list[Verdict]:
         if min(run["events"] for run in runs) < 1_000_000:
             verdict = Verdict(verdict.target, verdict.figures, None, "not judged: fewer than 1,000,000 events")
         found.append(verdict)
+    found += tenants_verdicts(results)
+    return found
+
+
+def _ms(value: float | None) -> str:
+    return "none delivered" if value is None else f"{value:,.1f} ms"
+
+
+def tenants_verdicts(results: Results) -> list[Verdict]:
+    """Issue 15's targets, at every tenant count that ran (the issue states them for 10,000 domains)."""
+    counts = tenant_counts(results)
+    found = []
+    if counts and 10000 not in counts:
+        found.append(Verdict("issue 15's targets at 10,000 domains", [], None, "not judged: 10,000 not run"))
+    for count in counts:
+        runs = results[f"tenants_{count}"]
+        rate = f"{runs[0]['rate']:g}/s"
+        found += [
+            _judge(
+                f"{count:,} domains: /health 200 ok ≤ 10 s after the process starts",
+                runs,
+                "healthy_s",
+                lambda r: f"{r['healthy_s']:.2f} s",
+                lambda r: r["healthy_s"] <= 10,
+            ),
+            _judge(
+                f"{count:,} domains: idle CPU of the service ≤ 5 % of a core (nats-server shown, not judged)",
+                runs,
+                "idle_cpu_pct_service",
+                lambda r: f"{r['idle_cpu_pct_service']:.1f} % (nats-server {r['idle_cpu_pct_nats']:.1f} %)",
+                lambda r: r["idle_cpu_pct_service"] <= 5,
+            ),
+            _judge(
+                f"{count:,} domains: RSS of the service at idle ≤ 300 MB (its peak over the run shown)",
+                runs,
+                "idle_rss_mb_service",
+                lambda r: f"{r['idle_rss_mb_service']:.0f} MB (peak {r['peak_rss_mb_service']:.0f} MB)",
+                lambda r: r["idle_rss_mb_service"] <= 300,
+            ),
+            _judge(
+                f"{count:,} domains: one event to each ({rate}), every domain gets it, e2e p99 ≤ 1 s",
+                runs,
+                "one_each_all_delivered",
+                lambda r: f"{_ms(r['one_each_e2e_p99_ms'])}, {r['one_each_domains_short']:,} without",
+                lambda r: (
+                    r["one_each_all_delivered"]
+                    and r["one_each_e2e_p99_ms"] is not None
+                    and r["one_each_e2e_p99_ms"] <= 1000
+                ),
+            ),
+            _judge(
+                f"{count:,} domains: {rate} with one more domain hanging, every other event delivered, "
+                "their e2e p99 ≤ 100 ms",
+                runs,
+                "hang_all_delivered",
+                lambda r: f"{_ms(r['hang_e2e_p99_ms'])}, {r['hang_domains_short']:,} domains short",
+                lambda r: r["hang_all_delivered"] and r["hang_e2e_p99_ms"] is not None and r["hang_e2e_p99_ms"] <= 100,
+            ),
+        ]
     return found
 
 

@@ -2,12 +2,18 @@
 
 Run from the project root (wrk from Debian's package: found on the PATH, or installed with apt-get):
 
-    python bench/run.py                 # every scenario 3 times, 10 s each
+    python bench/run.py                 # every scenario but tenants, 3 times, 10 s each
     python bench/run.py --runs 5 --only baseline full_1x2
     python bench/run.py --seconds 20 --memory-events 1000000
     python bench/run.py --service-config 'forwarding: {max_in_flight_per_domain: 32}'
     python bench/run.py --ab 'forwarding: {max_in_flight_per_domain: 32}' \
                              'forwarding: {max_in_flight_per_domain: 64}'
+    python bench/run.py --only tenants                 # 100, 1,000 and 10,000 routed domains
+    python bench/run.py --only tenants --tenants 100 300 --runs 1 --seconds 3
+
+``tenants`` (issue 15, bench/tenants.py says what it measures) runs only when
+named in ``--only`` or given sizes with ``--tenants``: it takes minutes per
+size. For each tenant count it prints its own table, one column per count.
 
 Every selected scenario runs ``--runs`` times, in rounds (each round runs every
 scenario once), so a slow minute of the machine does not land on one scenario
@@ -45,40 +51,40 @@ from pathlib import Path
 
 import proctree
 import report
+import tenants
 import yaml
 from harness import (
     HERE,
-    Service,
     drain,
     ensure_wrk,
     free_port,
     merged,
+    paced,
     percentile,
     start_service,
     start_sink,
     stop,
+    tree_figures,
     wait_http,
     wrk,
 )
 
-SCENARIOS = ("sink_ceiling", "baseline", "ingest_only", "full_1x2", "full_200x2", "fixed_rate", "isolation")
+SCENARIOS = (
+    "sink_ceiling",
+    "baseline",
+    "ingest_only",
+    "full_1x2",
+    "full_200x2",
+    "fixed_rate",
+    "isolation",
+    "tenants",
+)
 # They start no service: run once per round, the same runs in both columns of an A/B.
 WITHOUT_SERVICE = ("sink_ceiling", "baseline")
-
-
-def tree_figures(service: Service, meter: proctree.CpuMeter, events: int) -> dict:
-    """CPU per 1,000 events since ``meter`` started and peak RSS: service, nats-server and both."""
-    cpu = meter.used()
-    peak = proctree.memory_mb(service.pid, "VmHWM")
-    figures: dict = {"cpu_s": cpu}
-    for suffix, seconds, mb in (
-        ("service", cpu["service"], peak["service"]),
-        ("nats", cpu["nats-server"], peak["nats-server"]),
-        ("total", sum(cpu.values()), sum(peak.values())),
-    ):
-        figures[f"cpu_s_per_1000_events_{suffix}"] = round(seconds / max(events, 1) * 1000, 3)
-        figures[f"peak_rss_mb_{suffix}"] = round(mb, 1)
-    return figures
+# Run only when asked for by name (or, for tenants, by --tenants): they take minutes.
+OPT_IN = ("tenants",)
+# The scenarios that load the service with wrk (the others use bench/paced.py).
+WITH_WRK = ("sink_ceiling", "baseline", "ingest_only", "full_1x2", "full_200x2", "memory")
 
 
 def ingest_only(work: Path, seconds: float, processes: list, extra: dict) -> dict:
@@ -131,31 +137,25 @@ def fixed_rate(
         load_domains.append("stuck.example.vn")
     service = start_service(work, routes, processes, extra)
     meter = proctree.CpuMeter(service.pid)
-    out = subprocess.run(
-        [sys.executable, str(HERE / "paced.py"), service.url, str(rate), str(seconds), ",".join(load_domains)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    paced = json.loads(out)
-    healthy = paced["accepted"] - (paced["accepted"] // len(load_domains) if hanging else 0)
+    load = paced(service.url, rate, seconds, load_domains)
+    healthy = load["accepted"] - (load["accepted"] // len(load_domains) if hanging else 0)
     drain(sinks, healthy - 1, timeout=30)
     latencies = sinks[0].latencies + sinks[1].latencies
     delivered = min(s.received for s in sinks)
     result = {
         "rate": rate,
-        "sent": paced["sent"],
-        "accepted": paced["accepted"],
-        "statuses": paced["statuses"],
-        "accepted_per_s": round(rate * paced["accepted"] / max(paced["sent"], 1), 1),
+        "sent": load["sent"],
+        "accepted": load["accepted"],
+        "statuses": load["statuses"],
+        "accepted_per_s": round(rate * load["accepted"] / max(load["sent"], 1), 1),
         # The events that reached the sinks, per second of the schedule.
-        "delivered_per_s": round(rate * delivered / max(paced["accepted"], 1), 1),
-        "post_p99_ms": round(paced["post_p99_ms"], 2),
+        "delivered_per_s": round(rate * delivered / max(load["accepted"], 1), 1),
+        "post_p99_ms": round(load["post_p99_ms"], 2),
         "e2e_p50_ms": percentile(latencies, 0.50),
         "e2e_p90_ms": percentile(latencies, 0.90),
         "e2e_p99_ms": percentile(latencies, 0.99),
         "delivered": delivered,
-        **tree_figures(service, meter, paced["accepted"]),
+        **tree_figures(service, meter, load["accepted"]),
     }
     stop(service.process)
     for process in processes:
@@ -228,6 +228,11 @@ def run_scenario(name: str, work: Path, args: argparse.Namespace, processes: lis
         }
     if name == "memory":
         return {name: memory(work, args.memory_events, processes, extra)}
+    if name == "tenants":
+        return {
+            f"tenants_{count}": tenants.measure(work / str(count), count, args.rate, args.seconds, processes, extra)
+            for count in args.tenants
+        }
     raise ValueError(name)
 
 
@@ -287,6 +292,7 @@ class Record:
             "runs": args.runs,
             "seconds": args.seconds,
             "rate": args.rate,
+            "tenants": args.tenants,
             "cpus": os.cpu_count(),
             "load_average_at_start": [round(load, 2) for load in os.getloadavg()],
         }
@@ -338,11 +344,15 @@ def print_report(runs: int, variants: list[Variant], path: Path) -> None:
         print(report.ab_table(variants[0].results, variants[1].results, (variants[0].label, variants[1].label)))
         print("\n(baseline and sink_ceiling start no service: the same runs in both columns)")
     else:
-        print(report.table(variants[0].results))
-        print("\nThe service's process tree:\n")
-        print(report.process_table(variants[0].results))
-        if "memory" in variants[0].results:
-            print("\n" + report.memory_lines(variants[0].results))
+        results = variants[0].results
+        sections = []
+        if any(name != "memory" and not name.startswith("tenants_") for name in results):
+            sections += [report.table(results), "The service's process tree:", report.process_table(results)]
+        if "memory" in results:
+            sections.append(report.memory_lines(results))
+        if found := report.tenants_table(results):
+            sections += ["Tenants (issue 15): one column per number of routed domains (bench/tenants.py)", found]
+        print("\n\n".join(sections))
     for variant in variants:
         if found := report.verdicts(variant.results):
             print(f"\nTargets ({variant.label}):\n")
@@ -357,6 +367,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs of every scenario (default 3)")
     parser.add_argument("--memory-events", type=int, default=0, help="also run the memory scenario (e.g. 1000000)")
     parser.add_argument("--only", nargs="*", choices=SCENARIOS, help="scenario names to run")
+    parser.add_argument(
+        "--tenants",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help=f"routed domains for the tenants scenario (default {' '.join(map(str, tenants.DEFAULT_COUNTS))})",
+    )
     parser.add_argument("--service-config", metavar="YAML", help="merged into every run's service config")
     parser.add_argument("--ab", nargs=2, metavar=("A", "B"), help="YAML for side A and side B, run alternately")
     parser.add_argument("--report", metavar="JSON", type=Path, help="print a saved run's tables and verdicts again")
@@ -368,6 +385,8 @@ def main() -> None:
         return
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.tenants and min(args.tenants) < 1:
+        parser.error("--tenants: each count must be at least 1")
     common = yaml_mapping(parser, "--service-config", args.service_config) if args.service_config else {}
     if args.ab:
         sides = [yaml_mapping(parser, "--ab", text) for text in args.ab]
@@ -377,10 +396,15 @@ def main() -> None:
         ]
     else:
         variants = [Variant(args.service_config or "as shipped", args.service_config or "", common)]
-    selected = [name for name in SCENARIOS if not args.only or name in args.only]
+    selected = [name for name in SCENARIOS if (not args.only and name not in OPT_IN) or name in (args.only or ())]
+    if args.tenants and "tenants" not in selected:
+        selected.append("tenants")
+    if "tenants" in selected:
+        args.tenants = args.tenants or list(tenants.DEFAULT_COUNTS)
     if args.memory_events:
         selected.append("memory")
-    ensure_wrk()
+    if set(selected) & set(WITH_WRK):
+        ensure_wrk()
     record = Record(args, variants)
     run_rounds(args, variants, selected, record)
     for variant in variants:

@@ -2,8 +2,10 @@
 
 Run: python bench/sink.py PORT [hang]
 Answers every POST with 200 (or, with ``hang``, never answers). Once a second it
-prints a JSON line: requests received, and the end-to-end latencies (ms) of the
-events received since the last line that carried ``sent_at`` (epoch seconds).
+prints a JSON line: requests received, and, for the requests received since the
+last line, the end-to-end latencies (ms) of the events that carried ``sent_at``
+(epoch seconds) and how many came for each ``domain`` (only the domains that
+had some, so a line stays small whatever the number of domains routed here).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import asyncio
 import json
 import sys
 import time
+from collections import Counter
 
 received = 0
 latencies: list[float] = []
+domains: Counter[str] = Counter()
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -35,6 +39,9 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
                 end = body.find(b",", marker)
                 end = body.find(b"}", marker) if end < 0 else end
                 latencies.append((arrived - float(body[marker + 10 : end])) * 1000)
+            marker = body.find(b'"domain":"')
+            if marker >= 0:
+                domains[body[marker + 10 : body.find(b'"', marker + 10)].decode()] += 1
             if hang:
                 await asyncio.sleep(3600)
             writer.write(RESPONSE)
@@ -49,9 +56,11 @@ async def main(port: int, hang: bool) -> None:
     async with server:
         while True:
             await asyncio.sleep(1)
-            batch = latencies[:]
+            batch, by_domain = latencies[:], dict(domains)
             latencies.clear()
-            print(json.dumps({"at": time.time(), "received": received, "latencies_ms": batch}), flush=True)
+            domains.clear()
+            line = {"at": time.time(), "received": received, "latencies_ms": batch, "domains": by_domain}
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":
