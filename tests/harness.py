@@ -1,19 +1,22 @@
 """Real pieces for scenario tests: a nats-server, webhook backends, the service itself.
 
 Everything listens on 127.0.0.1 and port 0 (or a free port), so tests run side
-by side and leave nothing behind.
+by side and leave nothing behind. A nats-server that exits on its own fails the
+test with its last log lines.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import random
 import socket
 import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,17 +32,97 @@ from trio_util import AsyncValue
 
 from actors.log_writer import DomainLogRouter
 from pipeline.config import Config
-from pipeline.embedded_nats import EmbeddedNats, _read_lines, _ServerProcess, server_binary
+from pipeline.embedded_nats import _LISTENING, _READY, EmbeddedNats, _read_lines, _ServerProcess, server_binary
 from pipeline.supervisor import run_service
 
 # An answer a backend can give: an HTTP status, or HANG (never answer).
 HANG = -1
 
 
+# How much of a nats-server's log its exit reports.
+LOG_TAIL_LINES = 20
+# A cluster node logs this once it has bound its route port (after "Server is ready").
+_ROUTES_LISTENING = b"Listening for route connections on"
+
+
 def free_port() -> int:
+    """A loopback port free right now, for a server started at once.
+
+    The kernel picked it from its ephemeral range and may hand it out again
+    (to another ``free_port``, a port-0 listener) before it is bound: for
+    several ports that must be known before their servers start, ``fixed_ports``.
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def fixed_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports, free right now, outside the kernel's ephemeral range.
+
+    The kernel never picks these itself (not for a port-0 bind, not as a
+    connection's source port), so each stays free until its server binds it,
+    unless another program asks for that very port. nats-server's own cluster
+    tests keep their route ports out of that range for the same reason.
+    """
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    candidates = [port for port in range(1024, 65536) if not low <= port <= high]
+    ports: list[int] = []
+    for port in random.sample(candidates, len(candidates)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"fewer than {count} free ports outside the ephemeral range {low}-{high}")
+
+
+class NatsServerExited(RuntimeError):
+    """A test's nats-server exited on its own; the message ends with its last log lines."""
+
+
+async def run_nats_server(
+    name: str,
+    conf: Path,
+    *,
+    ready: Collection[bytes] = (_READY,),
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the bundled nats-server on ``conf`` until cancelled; reports its client port once ``ready`` is all logged.
+
+    If it exits on its own, before that or after, raises ``NatsServerExited``
+    naming ``name``, its exit code and its last log lines: the test fails there,
+    not later on a refused connection.
+    """
+    process = _ServerProcess([str(server_binary()), "-c", str(conf)])
+    tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+    try:
+        lines = _read_lines(process.stderr)
+        waiting = set(ready)
+        port = 0
+        async for line in lines:
+            tail.append(line.decode(errors="replace"))
+            if match := _LISTENING.search(line):
+                port = int(match.group(2))
+            waiting = {marker for marker in waiting if marker not in line}
+            if not waiting:
+                break
+        else:
+            raise NatsServerExited(_exit_report(name, "before it was ready", await process.wait(), tail))
+        task_status.started(port)
+        async for line in lines:  # keep its log pipe drained, and its last lines
+            tail.append(line.decode(errors="replace"))
+        raise NatsServerExited(_exit_report(name, "while the test ran", await process.wait(), tail))
+    finally:
+        with trio.CancelScope(shield=True):
+            await process.stop()
+
+
+def _exit_report(name: str, when: str, code: int, tail: deque[str]) -> str:
+    return f"{name} exited {when} (code {code}); its last lines:\n" + "\n".join(tail)
 
 
 @dataclass
@@ -207,25 +290,19 @@ async def serve_limited_nats(
 
     Reports the client URL (with the account's user) once the server is ready; runs until cancelled.
     """
-    port = free_port()
     conf = work / "nats-limited.conf"
+    # Port -1: the server binds a port of the kernel's choosing and logs it.
     conf.write_text(
-        f'host: 127.0.0.1\nport: {port}\njetstream {{ store_dir: "{work / "jetstream"}" }}\n'
+        f'host: 127.0.0.1\nport: -1\njetstream {{ store_dir: "{work / "jetstream"}" }}\n'
         f"accounts {{ APP {{ jetstream {{ max_file: 1G, max_mem: 64M, max_consumers: {max_consumers} }}, "
         "users: [{user: app, password: app}] } }\n"
     )
-    process = _ServerProcess([str(server_binary()), "-c", str(conf)])
-    try:
-        lines = _read_lines(process.stderr)
-        async for line in lines:
-            if b"Server is ready" in line:
-                break
-        task_status.started(f"nats://app:app@127.0.0.1:{port}")
-        async for _ in lines:  # keep its log pipe drained
-            pass
-    finally:
-        with trio.CancelScope(shield=True):
-            await process.stop()
+
+    class _Started:
+        def started(self, port: int) -> None:
+            task_status.started(f"nats://app:app@127.0.0.1:{port}")
+
+    await run_nats_server("the limited nats-server", conf, task_status=_Started())
 
 
 @dataclass(frozen=True)
@@ -247,13 +324,17 @@ class NatsCluster:
 
     Each node has its own ``server_name``, store and monitoring port and routes
     to every other. ``run`` reports the comma-separated client URLs once every
-    node says it is ready; JetStream answers only once the nodes have elected a
-    meta leader (``wait_meta_leader``). A node can be started (``run_node``) and
-    stopped on its own.
+    node says it is ready and listens for routes; JetStream answers only once
+    the nodes have elected a meta leader (``wait_meta_leader``). A node can be
+    started (``run_node``) and stopped on its own; one that exits unbidden
+    raises ``NatsServerExited``.
     """
 
     def __init__(self, work: Path, size: int = 3) -> None:
-        self.nodes = [ClusterNode(f"node-{n}", free_port(), free_port(), free_port()) for n in range(size)]
+        # Known before any node starts (every node's routes name them all), so
+        # none may be one the kernel could give a running node's connection.
+        ports = iter(fixed_ports(3 * size))
+        self.nodes = [ClusterNode(f"node-{n}", next(ports), next(ports), next(ports)) for n in range(size)]
         self._configs: dict[str, Path] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         work.mkdir(parents=True, exist_ok=True)
@@ -283,26 +364,17 @@ class NatsCluster:
             task_status.started(self.urls)
 
     async def run_node(
-        self, node: ClusterNode, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, node: ClusterNode, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Run one node until cancelled or ``stop``ped; started once it says it is ready."""
+        """Run one node until cancelled or ``stop``ped; reports its client port once it is ready and listens for routes.
+
+        nats-server says it is ready before it binds its route port (and exits
+        if it cannot), so readiness waits for both lines.
+        """
         with trio.CancelScope() as self._scopes[node.name]:
-            process = _ServerProcess([str(server_binary()), "-c", str(self._configs[node.name])])
-            try:
-                lines = _read_lines(process.stderr)
-                last = b"no output"
-                async for line in lines:
-                    last = line
-                    if b"Server is ready" in line:
-                        break
-                else:
-                    raise RuntimeError(f"{node.name} did not start: {last.decode(errors='replace')}")
-                task_status.started()
-                async for _ in lines:  # keep its log pipe drained
-                    pass
-            finally:
-                with trio.CancelScope(shield=True):
-                    await process.stop()
+            await run_nats_server(
+                node.name, self._configs[node.name], ready=(_READY, _ROUTES_LISTENING), task_status=task_status
+            )
 
     def stop(self, node: ClusterNode) -> None:
         """Stop ``node`` (SIGTERM, as an operator would); the others run on."""
