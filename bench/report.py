@@ -52,7 +52,7 @@ SPLIT_METRICS = tuple(
 TENANTS_METRICS = (
     Metric("rate of phases 3 and 4, events/s", named("rate"), 0),
     Metric("start → /health 200 ok, s", named("healthy_s"), 2),
-    Metric("start → a consumer for every routed domain, s", named("consumers_ready_s"), 2),
+    Metric("consumers after the start", named("consumers_after_start"), 0),
     Metric("idle CPU % of a core: service (Python)", named("idle_cpu_pct_service"), 1),
     Metric("idle CPU % of a core: nats-server", named("idle_cpu_pct_nats"), 1),
     Metric("idle RSS MB: service (Python)", named("idle_rss_mb_service")),

@@ -297,12 +297,9 @@ async def serve_limited_nats(
         f"accounts {{ APP {{ jetstream {{ max_file: 1G, max_mem: 64M, max_consumers: {max_consumers} }}, "
         "users: [{user: app, password: app}] } }\n"
     )
-
-    class _Started:
-        def started(self, port: int) -> None:
-            task_status.started(f"nats://app:app@127.0.0.1:{port}")
-
-    await run_nats_server("the limited nats-server", conf, task_status=_Started())
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(run_nats_server, "the limited nats-server", conf)
+        task_status.started(f"nats://app:app@127.0.0.1:{port}")
 
 
 @dataclass(frozen=True)
