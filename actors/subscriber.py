@@ -214,14 +214,17 @@ class Subscriber:
     ) -> None:
         """Fetch into the forwarder's room; return once the consumer was deleted for idleness.
 
-        A fetch that comes back empty while nothing is in flight asks whether the
-        consumer is drained (nothing waiting, nothing unacknowledged). If so, the
-        domain waits for a wake; after ``nats.consumer_idle_seconds`` without
-        one, the consumer is deleted, if still drained.
+        While fetches bring events it fetches again at once (without waiting for
+        more); once one comes back empty, it fetches again only when woken. If its
+        forwarder finishes first, it waits for a wake up to
+        ``nats.consumer_idle_seconds``, then deletes the consumer, if drained
+        (nothing waiting, nothing unacknowledged). An event it leaves unacked is
+        still in the stream: the next backlog reading wakes the domain, whose
+        first fetch then waits for the redelivery.
         """
         max_in_flight = self._config.forwarding.max_in_flight_per_domain
 
-        async def fetch_into_room(consumer: PullConsumer) -> bool:
+        async def fetch_into_room(consumer: PullConsumer, linger: bool) -> bool:
             await room.acquire()
             wanted = 1
             while wanted < max_in_flight:
@@ -232,7 +235,7 @@ class Subscriber:
                 wanted += 1
             deliveries: list[Delivery] = []
             try:
-                deliveries = await consumer.fetch(wanted)
+                deliveries = await consumer.fetch(wanted, linger=linger)
             finally:
                 for _ in range(wanted - len(deliveries)):
                     room.release()
@@ -242,12 +245,28 @@ class Subscriber:
                 forwarder.send_nowait(delivery)
             return bool(deliveries)
 
+        async def all_forwarded() -> None:
+            taken = 0
+            try:
+                while taken < max_in_flight:
+                    await room.acquire()
+                    taken += 1
+            finally:
+                for _ in range(taken):
+                    room.release()
+
+        fetched = False  # the last fetch brought events
+
         async def serve(consumer: PullConsumer) -> None:
-            if await fetch_into_room(consumer) or room.value < max_in_flight:
-                return
-            # A wake from now on means new work, whatever the consumer says next.
+            nonlocal fetched
+            # A wake from now on means work this fetch may not see.
             state.woken = trio.Event()
-            if not await consumer.drained():
+            fetched = await fetch_into_room(consumer, linger=not fetched)
+            if fetched:
+                return
+            if not state.woken.is_set():
+                await trio_util.wait_any(all_forwarded, state.woken.wait)
+            if state.woken.is_set():
                 return
             with trio.move_on_after(self._config.nats.consumer_idle_seconds):
                 await state.woken.wait()
