@@ -214,9 +214,10 @@ class Subscriber:
     ) -> None:
         """Fetch into the forwarder's room; return once the consumer was deleted for idleness.
 
-        While fetches bring events it fetches again at once (without waiting for
-        more); once one comes back empty, it fetches again only when woken. If its
-        forwarder finishes first, it waits for a wake up to
+        While fetches bring events it fetches again at once (a fetch with nothing
+        waiting long-polls for a few seconds, so a busy domain's next event, or a
+        redelivery, arrives on a waiting request); once one comes back empty, it
+        fetches again only when woken. If its forwarder finishes first, it waits for a wake up to
         ``nats.consumer_idle_seconds``, then deletes the consumer, if drained
         (nothing waiting, nothing unacknowledged). An event it leaves unacked is
         still in the stream: the next backlog reading wakes the domain, whose
@@ -224,7 +225,7 @@ class Subscriber:
         """
         max_in_flight = self._config.forwarding.max_in_flight_per_domain
 
-        async def fetch_into_room(consumer: PullConsumer, linger: bool) -> bool:
+        async def fetch_into_room(consumer: PullConsumer) -> bool:
             await room.acquire()
             wanted = 1
             while wanted < max_in_flight:
@@ -235,7 +236,7 @@ class Subscriber:
                 wanted += 1
             deliveries: list[Delivery] = []
             try:
-                deliveries = await consumer.fetch(wanted, linger=linger)
+                deliveries = await consumer.fetch(wanted)
             finally:
                 for _ in range(wanted - len(deliveries)):
                     room.release()
@@ -255,14 +256,10 @@ class Subscriber:
                 for _ in range(taken):
                     room.release()
 
-        fetched = False  # the last fetch brought events
-
         async def serve(consumer: PullConsumer) -> None:
-            nonlocal fetched
             # A wake from now on means work this fetch may not see.
             state.woken = trio.Event()
-            fetched = await fetch_into_room(consumer, linger=not fetched)
-            if fetched:
+            if await fetch_into_room(consumer):
                 return
             if not state.woken.is_set():
                 await trio_util.wait_any(all_forwarded, state.woken.wait)

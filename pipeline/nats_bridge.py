@@ -171,12 +171,8 @@ class PullConsumer:
         # (nats.py #504): after any reconnect the consumer is opened anew.
         self._connection = js.connection_number
 
-    async def fetch(self, max_messages: int, *, linger: bool = True) -> list[Delivery]:
-        """Up to ``max_messages`` deliveries; with ``linger``, none only after a few seconds of silence.
-
-        Without ``linger`` (or while more messages are known to wait) it takes what
-        is there within the batch window, so a caller that has just been given
-        messages can ask for more (redeliveries, which no count announces) cheaply.
+    async def fetch(self, max_messages: int) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries, or none after a few seconds of silence.
 
         Raises ``NatsUnavailable`` or a nats error when the consumer needs re-opening.
         """
@@ -187,8 +183,7 @@ class PullConsumer:
         # nats-py's fetch(n) waits for all n (or the expiry), so a batch is asked
         # for only when messages are known to be waiting; otherwise a fetch of
         # one returns as soon as the next event is stored.
-        short = self._more_waiting or not linger
-        batch, wait = (max_messages, BATCH_WINDOW_SECONDS) if short else (1, IDLE_FETCH_SECONDS)
+        batch, wait = (max_messages, BATCH_WINDOW_SECONDS) if self._more_waiting else (1, IDLE_FETCH_SECONDS)
         try:
             messages = await aio_as_trio(self._fetch)(batch, wait)
         except _NATS_ERRORS as error:
