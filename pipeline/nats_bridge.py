@@ -51,6 +51,10 @@ RECONNECT_WAIT_SECONDS = 1.0
 # so a consumer the server refuses (an account's consumer limit) costs little.
 RECONSUME_DELAY_SECONDS = 1.0
 RECONSUME_MAX_DELAY_SECONDS = 30.0
+# Requests that create, read or delete consumers, at most this many at once: a
+# wake of thousands of domains (one backlog reading) queues here, in order,
+# instead of piling on the JetStream API until requests time out and are retried.
+CONSUMER_REQUESTS_AT_ONCE = 16
 # A dead-letter writer that took an advisory has this long to file it before
 # another instance gets it.
 ADVISORY_ACK_WAIT_SECONDS = 30.0
@@ -224,12 +228,13 @@ class PullConsumer:
         One that holds unacknowledged events is kept: a new consumer would
         count their deliveries from one again, past max_deliveries.
         """
-        if not await self.drained():
-            return False
-        try:
-            await aio_as_trio(self._js._context.delete_consumer)(self._stream, self.name)
-        except _NATS_ERRORS as error:
-            raise NatsUnavailable(f"cannot delete consumer {self.name}: {error or type(error).__name__}") from error
+        async with self._js._consumer_requests:
+            if not await self.drained():
+                return False
+            try:
+                await aio_as_trio(self._js._context.delete_consumer)(self._stream, self.name)
+            except _NATS_ERRORS as error:
+                raise NatsUnavailable(f"cannot delete consumer {self.name}: {error or type(error).__name__}") from error
         return True
 
     async def close(self) -> None:
@@ -258,6 +263,7 @@ class JetStream:
         self._js: JetStreamContext | None = None
         self.streams = Streams(config)
         self.consumer_limit = MIN_CONSUMER_LIMIT  # of the event stream, once ensure_streams ran
+        self._consumer_requests = trio.Semaphore(CONSUMER_REQUESTS_AT_ONCE)
         # Our own replies to publishes (see _publish_async), per client.
         self._reply_client: NatsClient | None = None
         self._reply_prefix = ""
@@ -755,7 +761,8 @@ class JetStream:
         if not self.connected.value:
             raise NatsUnavailable("not connected to NATS")
         try:
-            subscription = await aio_as_trio(create)()
+            async with self._consumer_requests:
+                subscription = await aio_as_trio(create)()
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"cannot open consumer {name}: {error or type(error).__name__}") from error
         return PullConsumer(self, stream, name, subscription)
