@@ -59,9 +59,10 @@ class Subscriber:
 
     A routed domain is dormant until woken: no consumer, no forwarder, no
     fetch, so idle tenants cost next to nothing. Woken, it opens its consumer
-    and forwarder and fetches until its consumer is drained (nothing waiting,
-    nothing unacknowledged); after ``nats.consumer_idle_seconds`` more with
-    nothing to do, the consumer is deleted and the domain is dormant again. A
+    and forwarder and fetches while fetches bring events; after
+    ``nats.consumer_idle_seconds`` more with nothing to do, the consumer is
+    deleted if drained (nothing waiting, nothing unacknowledged) and the
+    domain is dormant again. A
     domain that loses its route stops being fetched, and its forwarder finishes
     its in-flight events and retires (its undelivered events stay in the
     stream). A domain whose consumer cannot be opened (or keeps failing) is
@@ -163,7 +164,7 @@ class Subscriber:
     async def _serve_domain(self, domain: str, retire: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
         """Consume ``domain`` whenever it has work, until its route goes or the service stops.
 
-        Dormant, a domain costs one waiting task: no consumer, no forwarder, no fetch.
+        Dormant, a domain costs a few waiting tasks: no consumer, no forwarder, no fetch.
         """
         state = self._domains[domain] = _Domain()
         task_status.started()
