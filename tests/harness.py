@@ -16,7 +16,7 @@ import sys
 import threading
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -239,6 +239,23 @@ class WireRequests:
         data = await self._stream.receive_some()
         self._buffer += data
         return bool(data)
+
+
+def answering_huge(
+    size: int, sent_whole: list[bool], on_request: Callable[[bytes | None], object] = lambda request: None
+) -> Callable[[trio.abc.Stream], Awaitable[None]]:
+    """A raw backend that reads one request (to ``on_request``) and answers 200 with a ``size``-byte body;
+    ``sent_whole`` gets ``True`` if the whole body went out (a client that stops reading prevents it)."""
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        on_request(await WireRequests(stream).next())
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        block = bytes(1024 * 1024)
+        for _ in range(size // len(block)):
+            await stream.send_all(block)
+        sent_whole.append(True)
+
+    return handler
 
 
 class NatsServer:

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from trio_util import AsyncValue
 
 from tests.conftest import StartRawBackend
-from tests.harness import WireRequests, call_event, make_config, running_service, wait_for_api
+from tests.harness import WireRequests, answering_huge, call_event, make_config, running_service, wait_for_api
 
 SCENARIO_TIMEOUT = 30
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -155,16 +155,7 @@ async def test_a_huge_answer_is_read_to_the_cap_only(
     size = 50 * 1024 * 1024
     received = Received()
     sent_whole: list[bool] = []
-
-    async def huge_answer(stream: trio.abc.Stream) -> None:
-        received.add(await WireRequests(stream).next())
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-        block = bytes(1024 * 1024)
-        for _ in range(size // len(block)):
-            await stream.send_all(block)
-        sent_whole.append(True)
-
-    url = await start_raw_backend(huge_answer)
+    url = await start_raw_backend(answering_huge(size, sent_whole, received.add))
     config = make_config(nats_server.url, {"huge.example": [url]}, forwarding={"http_transport": http_transport})
     with trio.fail_after(SCENARIO_TIMEOUT):
         async with running_service(config) as service:

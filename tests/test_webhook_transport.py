@@ -13,7 +13,7 @@ from trio_util import AsyncValue
 
 from pipeline.webhook_transport import BODY_CAP, KEEPALIVE_EXPIRY_SECONDS, RECEIVE_SIZE, WebhookTransport
 from tests.conftest import StartRawBackend
-from tests.harness import WireRequests
+from tests.harness import WireRequests, answering_huge
 
 TEST_TIMEOUT = 20
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -208,16 +208,7 @@ async def test_https_with_an_untrusted_certificate_fails_naming_the_reason(
 async def test_a_body_over_the_cap_is_cut_and_its_connection_dropped(start_raw_backend: StartRawBackend):
     size = 50 * 1024 * 1024
     sent_whole = []
-
-    async def huge(stream: trio.abc.Stream) -> None:
-        await WireRequests(stream).next()
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-        block = bytes(1024 * 1024)
-        for _ in range(size // len(block)):
-            await stream.send_all(block)
-        sent_whole.append(True)
-
-    url = await start_raw_backend(huge)
+    url = await start_raw_backend(answering_huge(size, sent_whole))
     client = transport()
     with trio.fail_after(TEST_TIMEOUT):
         response = await post(client, url)
