@@ -7,9 +7,9 @@ import trio
 from pipeline.batching import batches
 from pipeline.nats_bridge import Delivery, JetStream
 
-# Most acks handed to nats-py at once.
+# Most acks sent in one bridge crossing.
 MAX_BATCH = 1024
-# How long an ack waits for others to share its batch. Nobody waits on an
+# How long an ack waits for others to share its crossing. Nobody waits on an
 # ack (ack_wait is seconds), so a few milliseconds cost nothing.
 LINGER_SECONDS = 0.005
 
@@ -18,7 +18,7 @@ class Acknowledger:
     """Acknowledges deliveries whose event reached every endpoint.
 
     In: ``Delivery`` from every forwarder (each holds a clone of the send end).
-    Out: acks to JetStream, all that are waiting handed to nats-py at once. Returns
+    Out: acks to JetStream, all that are waiting in one bridge crossing. Returns
     when every forwarder has closed its end and the last acks are handed to
     NATS, which the supervisor then drains. Back-pressure: the bounded inbox.
     """
@@ -31,4 +31,4 @@ class Acknowledger:
         task_status.started()
         with self._deliveries:
             async for batch in batches(self._deliveries, MAX_BATCH, linger_seconds=LINGER_SECONDS):
-                self._jetstream.ack_batch(batch)
+                await self._jetstream.ack_batch(batch)

@@ -59,7 +59,7 @@ class DeadLetterWriter:
             advisories = await consumer.fetch(MAX_BATCH)
             filed = [advisory for advisory in advisories if await self._file(advisory)]
             if filed:
-                self._jetstream.ack_batch(filed)
+                await self._jetstream.ack_batch(filed)
 
         await keep_consuming(self._jetstream, self._jetstream.open_advisory_consumer, file_batch)
 

@@ -16,8 +16,8 @@ from pipeline.routes import Routes
 
 log = structlog.get_logger(component="ingress")
 
-# Largest batch published at once, and how many batches may be in flight at
-# once (their round trips overlap).
+# Largest batch published in one bridge crossing, and how many batches may be in
+# flight at once (their round trips overlap; each still crosses only once).
 MAX_BATCH = 256
 CONCURRENT_BATCHES = 4
 # Domains already warned about as unrouted; forgotten when full, so a flood of
@@ -39,7 +39,7 @@ class Ingress:
 
     In: ``PublishRequest`` from the HTTP handlers. Out: each request's outcome
     (its receipt or the error), set before its ``done`` event. Whatever is
-    waiting in the inbox is published together, in one go. Runs
+    waiting in the inbox is published together in one bridge crossing. Runs
     until the inbox is closed (the HTTP server has stopped) and drained.
     Each stored event wakes its domain (``wake``), so a dormant domain
     starts consuming at once.

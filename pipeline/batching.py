@@ -16,10 +16,10 @@ async def batches(
     """Yield lists of at most ``max_size`` items until ``channel`` is closed and drained.
 
     Under load a batch grows with what queued while the last one was handled,
-    so one round of NATS messages or one disk write serves many items. When idle each
+    so one bridge crossing or one disk write serves many items. When idle each
     item goes alone, unless ``linger_seconds`` asks to wait that long after the
     first item for company: for work nobody waits on (acks, log lines), a few
-    milliseconds turn one round per item into one per batch.
+    milliseconds turn one crossing per item into one per batch.
     """
     async for first in channel:
         if linger_seconds:

@@ -1,11 +1,7 @@
 """The one door to asyncio: nats-py's JetStream behind a trio-facing interface.
 
-nats-py is asyncio-only; ``open_jetstream`` runs it on a trio-asyncio loop.
-Requests whose outcome trio waits for (consumer and stream requests) cross the
-bridge (``aio_as_trio``). The hot path does not wait on asyncio: publishes,
-pull requests and acks are started there (``_start_soon``), and what answers
-them (publish receipts, pulled messages) is handed to trio by subscription
-callbacks. Each of those is still a few asyncio callbacks, so callers pass
+nats-py is asyncio-only; ``open_jetstream`` runs it on a trio-asyncio loop and
+every method here crosses the bridge once (about 0.3 ms), so callers pass
 batches: many publishes, many acks, one fetch of many messages.
 """
 
@@ -14,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,7 +24,6 @@ import trio
 import trio_asyncio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from trio_asyncio import aio_as_trio
 from trio_util import AsyncBool
@@ -50,11 +44,8 @@ log = structlog.get_logger(component="nats")
 # A consumer with nothing waiting long-polls for one message this long; one with
 # a backlog takes a batch of what is waiting, collecting for at most the window.
 IDLE_FETCH_SECONDS = 5.0
-# The server ends each pull request itself; a fetch stops waiting this long after, its answer lost.
-FETCH_ANSWER_GRACE_SECONDS = 2.0
+BATCH_WINDOW_SECONDS = 0.005
 DRAIN_TIMEOUT_SECONDS = 5.0
-# asyncio callbacks run in one pass of trio's scheduler, at most (see _run_ready_callbacks_together).
-READY_CALLBACKS_PER_PASS = 64
 RECONNECT_WAIT_SECONDS = 1.0
 # Pause before re-opening a consumer after an error, doubling while it keeps failing,
 # so a consumer the server refuses (an account's consumer limit) costs little.
@@ -172,57 +163,35 @@ class Delivery:
 
 
 class PullConsumer:
-    """A durable pull consumer (a domain's, or the dead-letter writers'), with its own inbox.
+    """A durable pull consumer (a domain's, or the dead-letter writers'), bound to a subscription."""
 
-    Its pull requests name its inbox; what arrives there (messages, and the
-    status that ends a request) waits in ``_arrived`` for ``fetch``. Closed, it
-    unsubscribes, so the server drops a request still waiting instead of
-    delivering to nobody.
-    """
-
-    def __init__(self, js: JetStream, stream: str, name: str) -> None:
+    def __init__(self, js: JetStream, stream: str, name: str, subscription: JetStreamContext.PullSubscription) -> None:
         self.name = name
         self._stream = stream
         self._js = js
+        self._subscription = subscription
         self._more_waiting = False  # the last fetch said more messages were waiting
-        # After any reconnect the consumer is opened anew: a pull request in
-        # flight when the connection dropped is never answered (nats.py #504).
+        # A pull subscription does not recover by itself after a server restart
+        # (nats.py #504): after any reconnect the consumer is opened anew.
         self._connection = js.connection_number
-        self._next_subject = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{name}"
-        self._arrived: deque[Msg] = deque()
-        self._arrival = trio.Event()
-        self._inbox = js._client.new_inbox()
-        self._subscription: Subscription | None = None
-        self._unsent: NatsUnavailable | None = None  # why the last pull request could not be sent
-
-    async def _subscribe(self) -> None:
-        """Subscribe to its inbox (on the asyncio side)."""
-        self._subscription = await self._js._client.subscribe(self._inbox, cb=self._on_arrival)
-
-    async def _on_arrival(self, message: Msg) -> None:
-        self._arrived.append(message)
-        self._arrival.set()
-
-    async def _request(self, request: dict[str, Any]) -> None:
-        """Send a pull request (on the asyncio side); if it cannot go, the fetch waiting for it ends."""
-        try:
-            await self._js._client.publish(self._next_subject, json.dumps(request).encode(), reply=self._inbox)
-        except _NATS_ERRORS as error:
-            self._unsent = NatsUnavailable(f"cannot send a pull request: {error or type(error).__name__}")
-            self._arrival.set()
 
     async def fetch(self, max_messages: int) -> list[Delivery]:
         """Up to ``max_messages`` deliveries, or none after a few seconds of silence.
 
-        Raises ``NatsUnavailable`` when the consumer needs re-opening.
+        Raises ``NatsUnavailable`` or a nats error when the consumer needs re-opening.
         """
         if not self._js.connected.value:
             raise NatsUnavailable("not connected to NATS")
         if self._connection != self._js.connection_number:
             raise NatsUnavailable("reconnected to NATS")
-        messages = self._take_arrived(max_messages)
-        if not messages:
-            messages = await self._pull(max_messages)
+        # nats-py's fetch(n) waits for all n (or the expiry), so a batch is asked
+        # for only when messages are known to be waiting; otherwise a fetch of
+        # one returns as soon as the next event is stored.
+        batch, wait = (max_messages, BATCH_WINDOW_SECONDS) if self._more_waiting else (1, IDLE_FETCH_SECONDS)
+        try:
+            messages = await aio_as_trio(self._fetch)(batch, wait)
+        except _NATS_ERRORS as error:
+            raise NatsUnavailable(f"fetch failed: {error or type(error).__name__}") from error
         self._more_waiting = bool(messages) and messages[-1].metadata.num_pending > 0
         return [
             Delivery(
@@ -235,50 +204,11 @@ class PullConsumer:
             for message in messages
         ]
 
-    def _take_arrived(self, max_messages: int) -> list[Msg]:
-        """Messages that arrived after their fetch gave up waiting; the statuses that ended old requests go."""
-        messages: list[Msg] = []
-        while self._arrived and len(messages) < max_messages:
-            message = self._arrived.popleft()
-            if _status(message) is None:
-                messages.append(message)
-        return messages
-
-    async def _pull(self, max_messages: int) -> list[Msg]:
-        # A consumer known to have a backlog takes what is waiting, up to
-        # max_messages, and the server says at once when there is no more;
-        # otherwise one message is asked for, and the server answers as soon as
-        # one is stored, or with a timeout status after IDLE_FETCH_SECONDS.
-        if self._more_waiting:
-            batch, request = max_messages, {"batch": max_messages, "no_wait": True}
-        else:
-            batch, request = 1, {"batch": 1, "expires": int(IDLE_FETCH_SECONDS * 1e9)}
-        self._js._start_soon(self._request(request))
-        messages: list[Msg] = []
-        # The server ends every request itself; this bounds the wait when its
-        # answer is lost (a dropped connection).
-        with trio.move_on_after(IDLE_FETCH_SECONDS + FETCH_ANSWER_GRACE_SECONDS):
-            while len(messages) < batch:
-                if self._unsent is not None:
-                    unsent, self._unsent = self._unsent, None
-                    raise unsent
-                if not self._arrived:
-                    self._arrival = trio.Event()
-                    await self._arrival.wait()
-                    continue
-                message = self._arrived.popleft()
-                status = _status(message)
-                if status is None:
-                    messages.append(message)
-                elif status in (api.StatusCode.NO_MESSAGES, api.StatusCode.REQUEST_TIMEOUT):
-                    break
-                elif status == api.StatusCode.CONFLICT and "deleted" not in _description(message).lower():
-                    # Too many requests waiting, a leader change...: this request is over.
-                    log.debug("Pull request ended", consumer=self.name, status=status, why=_description(message))
-                    break
-                elif status != api.StatusCode.CONTROL_MESSAGE:
-                    raise NatsUnavailable(f"fetch failed: {status} {_description(message)}".rstrip())
-        return messages
+    async def _fetch(self, batch: int, wait_seconds: float) -> list[Msg]:
+        try:
+            return await self._subscription.fetch(batch, timeout=wait_seconds)
+        except TimeoutError:  # nats-py raises its own subclass, or asyncio's
+            return []
 
     async def drained(self) -> bool:
         """Whether nothing waits for this consumer and nothing it delivered is unacknowledged."""
@@ -308,22 +238,11 @@ class PullConsumer:
         return True
 
     async def close(self) -> None:
-        """Unsubscribe from its inbox (the durable consumer stays on the server)."""
-        if self._subscription is None:
-            return
+        """Stop the subscription (the durable consumer stays on the server)."""
         try:
             await aio_as_trio(self._subscription.unsubscribe)()
         except nats.errors.Error as error:
             log.debug("Unsubscribe failed", consumer=self.name, error=str(error))
-
-
-def _status(message: Msg) -> str | None:
-    """The status of a message the server sent about a pull request (none for a stored message)."""
-    return message.headers.get(api.Header.STATUS) if message.headers else None
-
-
-def _description(message: Msg) -> str:
-    return message.headers.get(api.Header.DESCRIPTION, "") if message.headers else ""
 
 
 class JetStream:
@@ -333,7 +252,7 @@ class JetStream:
     /health and the fetch loops know when NATS is away and when it is back.
     """
 
-    def __init__(self, config: NatsConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, config: NatsConfig) -> None:
         self.config = config
         self.connected = AsyncBool(False)
         self.connection_number = 0
@@ -345,14 +264,11 @@ class JetStream:
         self.streams = Streams(config)
         self.consumer_limit = MIN_CONSUMER_LIMIT  # of the event stream, once ensure_streams ran
         self._consumer_requests = trio.Semaphore(CONSUMER_REQUESTS_AT_ONCE)
-        # JetStream's answers to publishes arrive on one subscription per
-        # client, ``<prefix>.*``, each handed to the handler of its address's
-        # last token in trio: no asyncio future, task or bridge crossing per answer.
-        self._inbox_prefix = ""
-        self._inbox: dict[str, Callable[[Msg], None]] = {}
-        self._inbox_tokens = itertools.count()
-        self._loop = loop
-        self._started: set[asyncio.Task[None]] = set()  # by _start_soon, kept until done
+        # Our own replies to publishes (see _publish_async), per client.
+        self._reply_client: NatsClient | None = None
+        self._reply_prefix = ""
+        self._replies: dict[str, asyncio.Future[PublishReceipt]] = {}
+        self._reply_tokens = itertools.count()
 
     @property
     def server_url(self) -> str:
@@ -401,8 +317,6 @@ class JetStream:
             closed_cb=closed,
         )
         self._js = client.jetstream(timeout=self.config.publish_timeout_seconds)
-        self._inbox_prefix = client.new_inbox() + "."
-        await client.subscribe(self._inbox_prefix + "*", cb=self._on_inbox_message)
         self.connected.value = True
 
     async def _connect_until_up(self, url: str) -> None:
@@ -553,7 +467,7 @@ class JetStream:
         self.consumer_limit = limit
 
     async def publish_batch(self, events: Sequence[AcceptedEvent]) -> list[PublishReceipt | Exception]:
-        """Store ``events``, all sent at once; one receipt or error per event, in order.
+        """Store ``events`` in one bridge crossing; one receipt or error per event, in order.
 
         Each is published with ``Nats-Msg-Id`` = ``event_key(domain, event_id)``,
         so a repeat inside the duplicate window is stored once (and reported as
@@ -564,106 +478,95 @@ class JetStream:
             unavailable = NatsUnavailable("not connected to NATS")
             return [unavailable for _ in events]
         pattern = self.config.subject_pattern
-        outcomes: list[PublishReceipt | Exception | None] = [None] * len(events)
-        unanswered = len(events)
-        all_answered = trio.Event()
 
-        def answer(index: int, outcome: PublishReceipt | Exception) -> None:
-            nonlocal unanswered
-            if outcomes[index] is None:
-                outcomes[index] = outcome
-                unanswered -= 1
-                if not unanswered:
-                    all_answered.set()
-
-        addresses = [
-            self._open_inbox(lambda message, index=index: answer(index, self._publish_outcome(message)))
-            for index in range(len(events))
-        ]
-
-        async def publish_all() -> None:
-            for index, event in enumerate(events):
+        async def publish_all() -> list[PublishReceipt | Exception]:
+            # Every message goes out at once and one timer bounds the batch.
+            replies: list[asyncio.Future[PublishReceipt] | Exception] = []
+            for event in events:
                 try:
-                    await self._publish(
-                        domain_subject(pattern, event.domain),
-                        event.payload,
-                        event.message_id or event_key(event.domain, event.event_id),
-                        addresses[index],
+                    replies.append(
+                        await self._publish_async(
+                            domain_subject(pattern, event.domain),
+                            event.payload,
+                            event.message_id or event_key(event.domain, event.event_id),
+                        )
                     )
                 except Exception as error:  # this event's own outcome; the others go on
-                    answer(index, error)
+                    replies.append(error)
+            pending = [reply for reply in replies if isinstance(reply, asyncio.Future)]
+            if pending:
+                await asyncio.wait(pending, timeout=self.config.publish_timeout_seconds)
+            results: list[PublishReceipt | Exception] = []
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    results.append(reply)
+                elif not reply.done():
+                    reply.cancel()
+                    results.append(NatsUnavailable("timed out waiting for JetStream to store the event"))
+                else:
+                    results.append(reply.exception() or reply.result())
+            return results
 
-        try:
-            self._start_soon(publish_all())
-            # One timer bounds the batch.
-            with trio.move_on_after(self.config.publish_timeout_seconds):
-                await all_answered.wait()
-        finally:
-            for address in addresses:
-                self._close_inbox(address)
-        return [
-            outcome or NatsUnavailable("timed out waiting for JetStream to store the event") for outcome in outcomes
-        ]
+        return await aio_as_trio(publish_all)()
 
-    async def _publish(self, subject: str, payload: bytes, message_id: str, reply: str) -> None:
-        """Publish to JetStream with its receipt (or refusal) addressed to ``reply``.
+    async def _publish_async(self, subject: str, payload: bytes, message_id: str) -> asyncio.Future[PublishReceipt]:
+        """Publish to JetStream; the future resolves to the receipt or JetStream's refusal.
 
         Not nats-py's ``publish_async``: when JetStream refuses a message (a full
         stream, a domain over its quota) it hands the error to the connection's
         error callback and never resolves the future, so the caller would wait
         out its whole timeout and learn nothing.
         """
+        client = self._client
         # The server counts the headers against max_payload and closes the
         # connection for a message over it; nats-py checks the payload alone.
         headers = {"Nats-Msg-Id": message_id}
-        limit = self._client.max_payload - _header_block_size(headers)
+        limit = client.max_payload - _header_block_size(headers)
         if len(payload) > limit:
             raise EventTooLarge(len(payload), limit)
-        await self._client.publish(subject, payload, reply=reply, headers=headers)
+        if self._reply_client is not client:
+            self._reply_prefix = client.new_inbox() + "."
+            self._replies = {}
+            await client.subscribe(self._reply_prefix + "*", cb=self._on_publish_reply)
+            self._reply_client = client
+        token = str(next(self._reply_tokens))
+        reply: asyncio.Future[PublishReceipt] = asyncio.get_running_loop().create_future()
+        reply.add_done_callback(lambda _: self._replies.pop(token, None))
+        self._replies[token] = reply
+        try:
+            await client.publish(subject, payload, reply=self._reply_prefix + token, headers=headers)
+        except BaseException:
+            reply.cancel()
+            raise
+        return reply
 
-    def _publish_outcome(self, message: Msg) -> PublishReceipt | Exception:
-        """What JetStream's answer to a publish says: the receipt, or why it was not stored."""
+    async def _on_publish_reply(self, message: Msg) -> None:
+        reply = self._replies.get(message.subject.rpartition(".")[2])
+        if reply is None or reply.done():
+            return
         if message.headers and message.headers.get("Status") == "503":
-            return NatsUnavailable(f"no JetStream stream stores {self.config.subject_pattern}")
+            reply.set_exception(NatsUnavailable(f"no JetStream stream stores {self.config.subject_pattern}"))
+            return
         try:
             answer = json.loads(message.data)
         except ValueError:
-            return NatsUnavailable("JetStream answered a publish with something unreadable")
+            reply.set_exception(NatsUnavailable("JetStream answered a publish with something unreadable"))
+            return
         error = answer.get("error")
         if error is None:
-            return PublishReceipt(int(answer["seq"]), bool(answer.get("duplicate")))
-        if error.get("err_code") == _ERR_STREAM_LIMIT and "per subject" in error.get("description", ""):
-            return StreamRefused(
-                "domain_backlog",
-                f"the domain has {self.config.max_backlog_per_domain} events waiting "
-                "(nats.max_backlog_per_domain) until its endpoints take them",
+            reply.set_result(PublishReceipt(int(answer["seq"]), bool(answer.get("duplicate"))))
+        elif error.get("err_code") == _ERR_STREAM_LIMIT and "per subject" in error.get("description", ""):
+            reply.set_exception(
+                StreamRefused(
+                    "domain_backlog",
+                    f"the domain has {self.config.max_backlog_per_domain} events waiting "
+                    "(nats.max_backlog_per_domain) until its endpoints take them",
+                )
             )
-        if error.get("err_code") == _ERR_STREAM_LIMIT:
-            return StreamRefused("stream_full", f"the event stream is full ({error.get('description')})")
-        return NatsUnavailable(f"JetStream refused the event: {error.get('description')}")
-
-    def _open_inbox(self, handler: Callable[[Msg], None]) -> str:
-        """A new address on this client's inbox; what arrives there goes to ``handler``."""
-        token = str(next(self._inbox_tokens))
-        self._inbox[token] = handler
-        return self._inbox_prefix + token
-
-    def _close_inbox(self, address: str) -> None:
-        self._inbox.pop(address.removeprefix(self._inbox_prefix), None)
-
-    async def _on_inbox_message(self, message: Msg) -> None:
-        handler = self._inbox.get(message.subject.removeprefix(self._inbox_prefix))
-        if handler is not None:
-            handler(message)
-
-    def _start_soon(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        """Run ``coroutine`` on the asyncio side without waiting for it: it reports its own outcome.
-
-        Cheaper than a bridge crossing, which also brings the coroutine's end back to trio.
-        """
-        task = self._loop.create_task(coroutine)
-        self._started.add(task)
-        task.add_done_callback(self._started.discard)
+        elif error.get("err_code") == _ERR_STREAM_LIMIT:
+            reply.set_exception(StreamRefused("stream_full", f"the event stream is full ({error.get('description')})"))
+        else:
+            reply.set_exception(NatsUnavailable(f"JetStream refused the event: {error.get('description')}"))
 
     async def newest_messages(
         self, limit: int, subject: str | None = None, *, dead_letters: bool = False
@@ -798,11 +701,8 @@ class JetStream:
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"cannot delete from {stream}: {error or type(error).__name__}") from error
 
-    def ack_batch(self, deliveries: Sequence[Delivery]) -> None:
-        """Hand the acks of ``deliveries`` to nats-py, without waiting for them to go out.
-
-        They go out before a drain of the connection that starts later.
-        """
+    async def ack_batch(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge ``deliveries`` in one bridge crossing."""
 
         async def ack_all() -> None:
             for delivery in deliveries:
@@ -812,7 +712,7 @@ class JetStream:
                     # Not acked means redelivered after ack_wait: at-least-once holds.
                     log.warning("Ack failed", stream_sequence=delivery.stream_sequence, error=str(error))
 
-        self._start_soon(ack_all())
+        await aio_as_trio(ack_all)()
 
     async def open_consumer(self, domain: str, max_in_flight: int) -> PullConsumer:
         """Create or update ``domain``'s durable pull consumer and subscribe to it."""
@@ -848,7 +748,7 @@ class JetStream:
         name = config.durable_name
         assert name is not None
 
-        async def create() -> PullConsumer:
+        async def create() -> JetStreamContext.PullSubscription:
             info = await self._context.add_consumer(stream, config)
             replicas = info.config.num_replicas or self.config.replicas  # none given: the stream's, verified
             if replicas < self.config.replicas:
@@ -856,17 +756,16 @@ class JetStream:
                     f"nats.replicas: consumer {name!r} has {replicas} replicas, "
                     f"{self.config.replicas} configured; the cluster did not apply them"
                 )
-            consumer = PullConsumer(self, stream, name)
-            await consumer._subscribe()
-            return consumer
+            return await self._context.pull_subscribe_bind(durable=name, stream=stream)
 
         if not self.connected.value:
             raise NatsUnavailable("not connected to NATS")
         try:
             async with self._consumer_requests:
-                return await aio_as_trio(create)()
+                subscription = await aio_as_trio(create)()
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"cannot open consumer {name}: {error or type(error).__name__}") from error
+        return PullConsumer(self, stream, name, subscription)
 
 
 def _header_block_size(headers: dict[str, str]) -> int:
@@ -919,29 +818,6 @@ async def keep_consuming(
                 await consumer.close()
 
 
-def _run_ready_callbacks_together(loop: trio_asyncio.TrioEventLoop) -> None:
-    """Make ``loop`` run the asyncio callbacks that are ready one after another, as asyncio does.
-
-    trio-asyncio runs one callback per pass of trio's scheduler, and nats-py
-    answers one message with a chain of them (the socket read, the read loop,
-    the subscription's task...): a full scheduler pass each, the largest CPU
-    cost of a publish or a fetch. Here a pass runs the callback it waited for,
-    then what is ready by then (the chain's next links), up to
-    ``READY_CALLBACKS_PER_PASS``. trio-asyncio's own ``_main_loop_one`` does
-    each step; its ``no_wait`` form is the one it drains the loop with.
-    """
-    run_one = loop._main_loop_one
-
-    async def run_ready(no_wait: bool = False) -> None:
-        await run_one(no_wait)
-        for _ in range(READY_CALLBACKS_PER_PASS):
-            if not loop._q_recv.statistics().current_buffer_used:
-                return
-            await run_one(True)
-
-    loop._main_loop_one = run_ready
-
-
 def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     # Without a handler trio-asyncio re-raises stray asyncio errors into its
     # nursery and tears the whole service down.
@@ -960,8 +836,7 @@ async def open_jetstream(config: NatsConfig, url: str, routed_domains: int) -> A
     """
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(_log_asyncio_error)
-        _run_ready_callbacks_together(loop)
-        jetstream = JetStream(config, loop)
+        jetstream = JetStream(config)
         await jetstream._connect_until_up(url)
         log.info("NATS connected", url=jetstream.server_url)
         try:
