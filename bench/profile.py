@@ -5,6 +5,7 @@ Run from the project root (needs py-spy: `pip install py-spy`; wrk as for bench/
     python bench/profile.py            # 1 domain x 2 endpoints, wrk at maximum rate
     python bench/profile.py --rate 250 # the same at a fixed rate (bench/paced.py)
     python bench/profile.py --ingest   # POST /events only, no route
+    python bench/profile.py --rate 300 --domains 20  # the isolation scenario's load
 
 Samples only while the service holds the GIL (py-spy --gil), so waiting is not
 counted. Prints the CPU per event (the service's and its nats-server's: py-spy
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=12)
     parser.add_argument("--rate", type=float, help="events/s (paced); default: wrk at maximum rate")
     parser.add_argument("--ingest", action="store_true", help="no route: measure POST /events alone")
+    parser.add_argument("--domains", type=int, default=1, help="events spread over this many routed domains")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
@@ -80,7 +82,8 @@ def main() -> None:
     processes: list[subprocess.Popen] = []
     try:
         sinks = [start_sink(processes), start_sink(processes)]
-        routes = {} if args.ingest else {DOMAIN: [sink.url for sink in sinks]}
+        domains = [DOMAIN] if args.domains == 1 else [f"tenant-{n}.example.vn" for n in range(args.domains)]
+        routes = {} if args.ingest else {domain: [sink.url for sink in sinks] for domain in domains}
         service = start_service(work / "service", routes, processes)
         spy = subprocess.Popen(
             [py_spy, "record", "--pid", str(service.pid), "--duration", str(args.seconds), "--rate", "200"]
@@ -90,9 +93,9 @@ def main() -> None:
         )
         meter = CpuMeter(service.pid)
         if args.rate:
-            accepted = paced(service.url, args.rate, args.seconds, [DOMAIN])["accepted"]
+            accepted = paced(service.url, args.rate, args.seconds, domains)["accepted"]
         else:
-            load = wrk(f"{service.url}/events", args.seconds, [DOMAIN])
+            load = wrk(f"{service.url}/events", args.seconds, domains)
             accepted = load["requests"] - load["errors"]
         cpu = meter.used()
         for sink in sinks:
