@@ -77,8 +77,11 @@ SCENARIOS = (
     "full_200x2",
     "fixed_rate",
     "isolation",
+    "isolation_100",
     "tenants",
 )
+# The isolation scenarios: events spread over this many domains, then the same with one more that hangs.
+ISOLATION_DOMAINS = {"isolation": 20, "isolation_100": 100}
 # They start no service: run once per round, the same runs in both columns of an A/B.
 WITHOUT_SERVICE = ("sink_ceiling", "baseline")
 # Run only when asked for by name (or, for tenants, by --tenants): they take minutes.
@@ -199,7 +202,7 @@ def memory(work: Path, events: int, processes: list, extra: dict) -> dict:
 
 
 def run_scenario(name: str, work: Path, args: argparse.Namespace, processes: list, extra: dict) -> dict[str, dict]:
-    """One run of one scenario (isolation is two: without and with the hanging domain)."""
+    """One run of one scenario (an isolation scenario is two: without and with the hanging domain)."""
     if name == "sink_ceiling":
         sink = start_sink(processes)
         result = wrk(sink.url, args.seconds, ["bench.example.vn"])
@@ -221,10 +224,11 @@ def run_scenario(name: str, work: Path, args: argparse.Namespace, processes: lis
         return {name: max_rate(work, args.seconds, 1 if name == "full_1x2" else 200, processes, extra)}
     if name == "fixed_rate":
         return {name: fixed_rate(work, args.seconds, args.rate, 1, processes, extra)}
-    if name == "isolation":
+    if name in ISOLATION_DOMAINS:
+        domains = ISOLATION_DOMAINS[name]
         return {
-            "isolation_without_hang": fixed_rate(work / "without", args.seconds, args.rate, 20, processes, extra),
-            "isolation_with_hang": fixed_rate(work / "with", args.seconds, args.rate, 20, processes, extra, True),
+            f"{name}_without_hang": fixed_rate(work / "without", args.seconds, args.rate, domains, processes, extra),
+            f"{name}_with_hang": fixed_rate(work / "with", args.seconds, args.rate, domains, processes, extra, True),
         }
     if name == "memory":
         return {name: memory(work, args.memory_events, processes, extra)}
@@ -270,11 +274,12 @@ def with_pairings(results: report.Results) -> None:
             for run, base in zip(results[name], baseline, strict=True):
                 run["ratio_to_baseline"] = round(run[figure] / base["requests_per_s"], 3)
                 run["baseline_requests_per_s"] = base["requests_per_s"]
-    pairs = zip(results.get("isolation_with_hang", []), results.get("isolation_without_hang", []), strict=True)
-    for with_hang, without in pairs:
-        if with_hang["e2e_p99_ms"] is not None and without["e2e_p99_ms"]:
-            with_hang["p99_without_hang_ms"] = without["e2e_p99_ms"]
-            with_hang["p99_increase"] = round(with_hang["e2e_p99_ms"] / without["e2e_p99_ms"] - 1, 3)
+    for name in ISOLATION_DOMAINS:
+        pairs = zip(results.get(f"{name}_with_hang", []), results.get(f"{name}_without_hang", []), strict=True)
+        for with_hang, without in pairs:
+            if with_hang["e2e_p99_ms"] is not None and without["e2e_p99_ms"]:
+                with_hang["p99_without_hang_ms"] = without["e2e_p99_ms"]
+                with_hang["p99_increase"] = round(with_hang["e2e_p99_ms"] / without["e2e_p99_ms"] - 1, 3)
 
 
 class Record:
