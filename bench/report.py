@@ -195,6 +195,21 @@ def _judge(
     return Verdict(target, figures, True, f"met in all {len(runs)} runs")
 
 
+def _hang_ratio(domains: int, runs: list[dict]) -> Verdict:
+    """Issue 16's isolation target, on medians: the p99 with a hanging domain ≤ 1.2 × the p99 without."""
+    target = f"{domains} domains: median e2e p99 with a hanging domain ≤ 1.2 × the median without (issue 16)"
+    if any(run.get("p99_without_hang_ms") is None for run in runs):
+        return Verdict(target, [], None, "not judged: a run without its pair")
+    with_hang = statistics.median(run["e2e_p99_ms"] for run in runs)
+    without = statistics.median(run["p99_without_hang_ms"] for run in runs)
+    # Saturated (p99 over 50 ms without the hanging domain), both p99s are mostly queueing time.
+    saturated = ", saturated" if without > 50 else ""
+    figures = [f"{without:.1f} → {with_hang:.1f} ms: {with_hang / without:.2f} ×{saturated}"]
+    if with_hang <= 1.2 * without:
+        return Verdict(target, figures, True, "met")
+    return Verdict(target, figures, False, "not met")
+
+
 def verdicts(results: Results) -> list[Verdict]:
     """The targets bench/RESULTS.md states, judged on every run of the scenarios that ran."""
     found = []
@@ -244,6 +259,7 @@ def verdicts(results: Results) -> list[Verdict]:
                     lambda r: r["p99_without_hang_ms"] <= 50 and r["e2e_p99_ms"] <= 50,
                 )
             )
+            found.append(_hang_ratio(domains, runs))
     if runs := results.get("isolation_without_hang"):
         found.append(
             _judge(
