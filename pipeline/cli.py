@@ -22,9 +22,9 @@ from pipeline.supervisor import run_service
 log = structlog.get_logger(component="main")
 
 # Python's default collection thresholds (700, 10, 10) scan the whole long-lived
-# heap each time it grows by a quarter. With thousands of domains at work that
-# was a third of the service's CPU, in pauses of 0.2-0.3 s (bench/RESULTS.md,
-# "garbage collection"); with 20 domains, pauses of 60 ms. Young objects get
+# heap each time it grows by a quarter. With 3,000 domains at work that was a
+# third of the service's CPU, in pauses of 0.3 s; with 20 domains, pauses of
+# 54 ms (bench/RESULTS.md, "garbage collection thresholds"). Young objects get
 # 50,000 allocations to die before they are scanned, so far fewer survive to be
 # scanned again.
 GC_THRESHOLDS = (50_000, 20, 10)
