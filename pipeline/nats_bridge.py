@@ -716,20 +716,7 @@ class JetStream:
 
     async def open_consumer(self, domain: str, max_in_flight: int) -> PullConsumer:
         """Create or update ``domain``'s durable pull consumer and subscribe to it."""
-        name = consumer_name(domain)
-        config = api.ConsumerConfig(
-            name=name,
-            durable_name=name,
-            filter_subject=domain_subject(self.config.subject_pattern, domain),
-            deliver_policy=api.DeliverPolicy.ALL,
-            ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=self.config.ack_wait_seconds,
-            max_deliver=self.config.max_deliveries,
-            # Room for the in-flight events plus the failed ones waiting out ack_wait.
-            max_ack_pending=max(1000, 4 * max_in_flight),
-            num_replicas=self.config.replicas,
-        )
-        return await self._open(self.config.stream_name, config)
+        return await self._open(self.config.stream_name, domain_consumer_config(self.config, domain, max_in_flight))
 
     async def open_advisory_consumer(self) -> PullConsumer:
         """The dead-letter writers' shared consumer of the advisory stream."""
@@ -766,6 +753,23 @@ class JetStream:
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"cannot open consumer {name}: {error or type(error).__name__}") from error
         return PullConsumer(self, stream, name, subscription)
+
+
+def domain_consumer_config(config: NatsConfig, domain: str, max_in_flight: int) -> api.ConsumerConfig:
+    """The durable pull consumer of ``domain``'s events."""
+    name = consumer_name(domain)
+    return api.ConsumerConfig(
+        name=name,
+        durable_name=name,
+        filter_subject=domain_subject(config.subject_pattern, domain),
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=config.ack_wait_seconds,
+        max_deliver=config.max_deliveries,
+        # Room for the in-flight events plus the failed ones waiting out ack_wait.
+        max_ack_pending=max(1000, 4 * max_in_flight),
+        num_replicas=config.replicas,
+    )
 
 
 def _header_block_size(headers: dict[str, str]) -> int:
