@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from trio_util import AsyncValue
 from actors.forwarder import Forwarder
 from actors.stats import ForwardOutcome
 from pipeline.config import Config
-from pipeline.nats_bridge import ConsumeFailure, Delivery, JetStream, PullConsumer, keep_consuming
+from pipeline.nats_bridge import IDLE_FETCH_SECONDS, ConsumeFailure, Delivery, JetStream, PullConsumer, keep_consuming
 from pipeline.routes import Routes
 
 log = structlog.get_logger(component="subscriber")
@@ -215,10 +216,13 @@ class Subscriber:
     ) -> None:
         """Fetch into the forwarder's room; return once the consumer was deleted for idleness.
 
-        While fetches bring events it fetches again at once (a fetch with nothing
-        waiting long-polls for a few seconds, so a busy domain's next event, or a
-        redelivery, arrives on a waiting request); once one comes back empty, it
-        fetches again only when woken. If its forwarder finishes first, it waits for a wake up to
+        While fetches bring events of a busy domain (its previous events came
+        less than a long poll ago) or say more are waiting, it fetches again at
+        once (a fetch with nothing waiting long-polls for a few seconds, so a
+        busy domain's next event, or a redelivery, arrives on a waiting
+        request); a sparse domain's next event comes with a wake instead. Once a
+        fetch comes back empty, it fetches again only when woken. If its
+        forwarder finishes first, it waits for a wake up to
         ``nats.consumer_idle_seconds``, then deletes the consumer, if drained
         (nothing waiting, nothing unacknowledged). An event it leaves unacked is
         still in the stream: the next backlog reading wakes the domain, whose
@@ -257,11 +261,21 @@ class Subscriber:
                 for _ in range(taken):
                     room.release()
 
+        last_events_at = -math.inf
+
         async def serve(consumer: PullConsumer) -> None:
+            nonlocal last_events_at
             # A wake from now on means work this fetch may not see.
             state.woken = trio.Event()
+            fetched_at = trio.current_time()
             if await fetch_into_room(consumer):
-                return
+                busy = fetched_at - last_events_at < IDLE_FETCH_SECONDS
+                last_events_at = fetched_at
+                if consumer.more_waiting or busy:
+                    return
+                # Nothing more waiting, and events come further apart than a fetch
+                # lingers: the next one comes with a wake, and a lingering fetch would
+                # only expire (thousands of sparse tenants, thousands of such fetches).
             if not state.woken.is_set():
                 await trio_util.wait_any(all_forwarded, state.woken.wait)
             if state.woken.is_set():

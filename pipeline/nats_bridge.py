@@ -170,7 +170,7 @@ class PullConsumer:
         self._stream = stream
         self._js = js
         self._subscription = subscription
-        self._more_waiting = False  # the last fetch said more messages were waiting
+        self.more_waiting = False  # the last fetch said more messages were waiting
         # A pull subscription does not recover by itself after a server restart
         # (nats.py #504): after any reconnect the consumer is opened anew.
         self._connection = js.connection_number
@@ -187,12 +187,12 @@ class PullConsumer:
         # nats-py's fetch(n) waits for all n (or the expiry), so a batch is asked
         # for only when messages are known to be waiting; otherwise a fetch of
         # one returns as soon as the next event is stored.
-        batch, wait = (max_messages, BATCH_WINDOW_SECONDS) if self._more_waiting else (1, IDLE_FETCH_SECONDS)
+        batch, wait = (max_messages, BATCH_WINDOW_SECONDS) if self.more_waiting else (1, IDLE_FETCH_SECONDS)
         try:
             messages = await aio_as_trio(self._fetch)(batch, wait)
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"fetch failed: {error or type(error).__name__}") from error
-        self._more_waiting = bool(messages) and messages[-1].metadata.num_pending > 0
+        self.more_waiting = bool(messages) and messages[-1].metadata.num_pending > 0
         return [
             Delivery(
                 data=message.data,
