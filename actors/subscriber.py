@@ -31,7 +31,9 @@ UNCONSUMABLE_EXAMPLES = 5
 
 @dataclass(eq=False, slots=True)
 class _Domain:
-    """A routed domain's state: ``woken`` is set when it has work (replaced once that work is done)."""
+    """A routed domain's state: ``woken`` is set when it has work (replaced once that work is done),
+    and when its route goes or the service stops.
+    """
 
     woken: trio.Event = field(default_factory=trio.Event)
 
@@ -123,6 +125,7 @@ class Subscriber:
                     for domain in [d for d in self._retirements if d not in routes]:
                         log.info("Route removed; retiring the domain's forwarder", domain=domain)
                         self._retirements.pop(domain).set()
+                        self.wake(domain)
                     for domain in [d for d in routes if d not in self._retirements]:
                         retire = self._retirements[domain] = trio.Event()
                         await nursery.start(self._serve_domain, domain, retire)
@@ -131,6 +134,8 @@ class Subscriber:
                     await trio_util.wait_any(
                         self._stopping.wait, partial(self._routes.wait_value, partial(operator.is_not, routes))
                     )
+                for state in self._domains.values():
+                    state.woken.set()
 
     async def _report_unconsumable(self) -> None:
         """Once per interval, while some routed domains cannot be consumed: one warning for them all."""
@@ -165,16 +170,16 @@ class Subscriber:
     async def _serve_domain(self, domain: str, retire: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
         """Consume ``domain`` whenever it has work, until its route goes or the service stops.
 
-        Dormant, a domain costs a few waiting tasks: no consumer, no forwarder, no fetch.
+        Dormant, a domain costs one waiting task: no consumer, no forwarder, no
+        fetch. Its route going and the service stopping wake it too.
         """
         state = self._domains[domain] = _Domain()
         task_status.started()
         try:
-            while True:
-                await trio_util.wait_any(self._stopping.wait, retire.wait, state.woken.wait)
-                if self._stopping.is_set() or retire.is_set():
-                    return
-                await self._consume(domain, state, retire)
+            while not (self._stopping.is_set() or retire.is_set()):
+                await state.woken.wait()
+                if not (self._stopping.is_set() or retire.is_set()):
+                    await self._consume(domain, state, retire)
         finally:
             # A route that came back meanwhile has a task of its own by now.
             if self._domains.get(domain) is state:
