@@ -12,6 +12,7 @@ from trio_util import AsyncValue
 from actors.subscriber import UNCONSUMABLE_REPORT_SECONDS, Subscriber
 from pipeline.config import Config
 from pipeline.nats_bridge import ConsumeFailure, JetStream
+from pipeline.routes import Endpoint, open_routes
 
 
 async def test_domains_that_cannot_be_consumed_are_reported_together_once_an_interval(
@@ -38,3 +39,24 @@ async def test_domains_that_cannot_be_consumed_are_reported_together_once_an_int
         "a.vn": "maximum consumers limit reached",
         "b.vn": "maximum consumers limit reached",
     }
+
+
+async def test_dormant_domains_end_when_their_route_goes_and_when_the_service_stops():
+    # A dormant domain waits on its wake event alone: the route going and the
+    # service stopping must set it, or its task outlives the route (or the stop hangs).
+    acks, _ = trio.open_memory_channel(0)
+    outcomes, _ = trio.open_memory_channel(0)
+    endpoint = (Endpoint("http://127.0.0.1:9/"),)
+    routes = open_routes({"a.vn": endpoint, "b.vn": endpoint})
+    stopping = trio.Event()
+    # Dormant domains never touch NATS: no JetStream is needed.
+    subscriber = Subscriber(cast(JetStream, None), routes, acks, outcomes, Config(), stopping)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(subscriber.run)
+            assert set(subscriber._domains) == {"a.vn", "b.vn"}
+            routes.value = {"b.vn": endpoint}
+            await trio.testing.wait_all_tasks_blocked()
+            assert set(subscriber._domains) == {"b.vn"}
+            stopping.set()
+    assert subscriber._domains == {}
