@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 import trio
 
+from actors import backlog_monitor, subscriber
 from pipeline.events import consumer_name
 from tests.conftest import StartBackend
 from tests.harness import call_event, make_config, running_service, wait_for_api
@@ -76,3 +78,20 @@ async def test_an_event_another_instance_stored_wakes_its_domain_here(nats_serve
             assert (await other.post_event(call_event("far.vn", "via-other"))).status_code == 202
             await backend.wait_count(1)
     assert [body["call_id"] for body in backend.bodies()] == ["via-other"]
+
+
+async def test_a_sparse_domains_next_event_comes_with_the_wake(
+    nats_server, start_backend: StartBackend, monkeypatch: pytest.MonkeyPatch
+):
+    # A domain whose events come further apart than a fetch lingers keeps no fetch
+    # waiting after its event: its next one must come with the ingress's wake.
+    monkeypatch.setattr(subscriber, "IDLE_FETCH_SECONDS", 0.0)  # every domain counts as sparse
+    monkeypatch.setattr(backlog_monitor, "POLL_SECONDS", 3600.0)  # no reading of the stream after the first
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"sparse.vn": [backend.url]})
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            for n in range(1, 4):
+                assert (await service.post_event(call_event("sparse.vn", f"call-{n}"))).status_code == 202
+                await backend.completed.wait_value(n)
+    assert [body["call_id"] for body in backend.bodies()] == ["call-1", "call-2", "call-3"]
