@@ -53,9 +53,9 @@ class Forwarder:
     than the ``room`` semaphore allows; each delivery's slot is released when
     its forwarding ends. Out: the deliveries that every endpoint answered 2xx,
     to the acknowledger, and one ``ForwardOutcome`` per attempt to the stats
-    collector. Any other outcome is left unacked, so JetStream
-    redelivers it after ack_wait, up to max_deliveries: there is no retry loop
-    here. After the last attempt JetStream says it gave up, and the dead-letter
+    collector. Any other outcome is left unacked (``Delivery.unacked``), so
+    JetStream redelivers it after ack_wait, up to max_deliveries: there is no
+    retry loop here. After the last attempt JetStream says it gave up, and the dead-letter
     writer files the event (with the errors recorded here). Endpoints are
     read from the routes at each attempt, so a redelivery goes to the
     endpoints configured now. Each endpoint request has one deadline,
@@ -151,13 +151,17 @@ class Forwarder:
 
     async def _forward(self, delivery: Delivery) -> None:
         self.in_flight += 1
+        acked = False
         try:
-            await self._forward_to_all(delivery)
+            acked = await self._forward_to_all(delivery)
         finally:
             self.in_flight -= 1
             self._room.release()
+            if not acked:
+                delivery.unacked()
 
-    async def _forward_to_all(self, delivery: Delivery) -> None:
+    async def _forward_to_all(self, delivery: Delivery) -> bool:
+        """Forward ``delivery`` to every endpoint; whether it went to the acknowledger."""
         try:
             # Strict: a NaN stored by an older version could not be forwarded as JSON.
             event = parse_strict_json(delivery.data)
@@ -173,13 +177,13 @@ class Forwarder:
                 stream_sequence=delivery.stream_sequence,
             )
             await self._acks.send(delivery)
-            return
+            return True
         fields = describe(event) | {"domain": self.domain, "delivery_attempt": delivery.delivery_attempt}
         event_log = log.bind(**fields)
         endpoints = self._routes.value.get(self.domain)
         if not endpoints:
             event_log.warning("Route removed; leaving event for redelivery")
-            return
+            return False
         event["delivery_attempt"] = delivery.delivery_attempt
         body = json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         # Unique across tenants, who may choose the same event_id: what backends deduplicate on.
@@ -219,7 +223,7 @@ class Forwarder:
             await self._acks.send(delivery)
             # payload: the full event, for the domain's log file only (never stdout).
             event_log.info("Event forwarded successfully", endpoints=len(endpoints), payload=event)
-            return
+            return True
         event_log.warning(
             "Failed to forward event",
             errors=errors,
@@ -227,6 +231,7 @@ class Forwarder:
             will_retry=outcome.will_retry,
             payload=event,
         )
+        return False
 
     async def _post(self, url: str, body: bytes, headers: Headers) -> str | None:
         """POST ``body``; None when the endpoint answered 2xx, else what went wrong, in a few words."""

@@ -41,8 +41,8 @@ class Ingress:
     (its receipt or the error), set before its ``done`` event. Whatever is
     waiting in the inbox is published together in one bridge crossing. Runs
     until the inbox is closed (the HTTP server has stopped) and drained.
-    Each stored event wakes its domain (``wake``), so a dormant domain
-    starts consuming at once.
+    Each stored event goes to the subscriber (``stored``), which hands it to
+    its domain's forwarder at once or wakes the domain's consumer.
     Back-pressure: the bounded inbox; a full one makes handlers wait.
     """
 
@@ -51,12 +51,12 @@ class Ingress:
         jetstream: JetStream,
         requests: trio.MemoryReceiveChannel[PublishRequest],
         routes: AsyncValue[Routes],
-        wake: Callable[[str], None],
+        stored: Callable[[str, PublishReceipt, bytes], None],
     ) -> None:
         self._jetstream = jetstream
         self._requests = requests
         self._routes = routes
-        self._wake = wake
+        self._stored = stored
         self._warned_unrouted: set[str] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -78,7 +78,7 @@ class Ingress:
         if isinstance(outcome, Exception):
             log.error("Failed to publish event", **event.fields, error=str(outcome) or type(outcome).__name__)
             return
-        self._wake(event.domain)
+        self._stored(event.domain, outcome, event.payload)
         log.info(
             "Event received and published",
             **event.fields,

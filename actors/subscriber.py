@@ -17,7 +17,16 @@ from trio_util import AsyncValue
 from actors.forwarder import Forwarder
 from actors.stats import ForwardOutcome
 from pipeline.config import Config
-from pipeline.nats_bridge import IDLE_FETCH_SECONDS, ConsumeFailure, Delivery, JetStream, PullConsumer, keep_consuming
+from pipeline.nats_bridge import (
+    IDLE_FETCH_SECONDS,
+    ConsumeFailure,
+    Delivery,
+    FromIngress,
+    JetStream,
+    PublishReceipt,
+    PullConsumer,
+    keep_consuming,
+)
 from pipeline.routes import Routes
 
 log = structlog.get_logger(component="subscriber")
@@ -31,11 +40,70 @@ UNCONSUMABLE_EXAMPLES = 5
 
 @dataclass(eq=False, slots=True)
 class _Domain:
-    """A routed domain's state: ``woken`` is set when it has work (replaced once that work is done),
-    and when its route goes or the service stops.
+    """A routed domain's state: ``woken`` is set when it has work (replaced once that work is
+    done), and when its route goes or the service stops; ``consumer_wanted`` says the work is its
+    consumer's, not only ``arrivals`` (events the ingress stored and handed over while the domain
+    was dormant). ``intake``: the forwarder taking events from the ingress while the domain has
+    no consumer.
     """
 
     woken: trio.Event = field(default_factory=trio.Event)
+    consumer_wanted: bool = False
+    visiting: bool = False  # a forwarder runs: the domain is not dormant
+    arrivals: list[Delivery] = field(default_factory=list)
+    intake: _Intake | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Intake:
+    """A domain's forwarder taking events straight from the ingress, with no consumer.
+
+    ``in_stream`` counts those not yet deleted from the stream; of the settled
+    ones, ``failed`` holds the sequences whose attempt failed (the consumer's
+    first delivery of each is JetStream's count of that attempt) and
+    ``forwarded`` those that reached every endpoint but could not be deleted.
+    """
+
+    inbox: trio.MemorySendChannel[Delivery]
+    room: trio.Semaphore
+    woken: trio.Event  # the domain's, when the intake opened: set when the consumer is needed
+    open: bool = True
+    last_event_at: float = -math.inf
+    in_flight: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
+    in_stream: int = 0
+    failed: set[int] = field(default_factory=set)
+    forwarded: set[int] = field(default_factory=set)
+
+    def take(self, delivery: Delivery) -> bool:
+        """Forward ``delivery`` now if there is room; whether it was taken."""
+        if not self.open:
+            return False
+        try:
+            self.room.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        assert isinstance(delivery.handle, FromIngress)
+        delivery.handle.on_settled = partial(self._settled, delivery.stream_sequence)
+        self.in_flight.value += 1
+        self.in_stream += 1
+        self.last_event_at = trio.current_time()
+        # The room admits no more than the inbox holds, so this never blocks.
+        self.inbox.send_nowait(delivery)
+        return True
+
+    def _settled(self, sequence: int, forwarded: bool, removed: bool) -> None:
+        self.in_flight.value -= 1
+        if removed:
+            self.in_stream -= 1
+        elif forwarded:
+            self.forwarded.add(sequence)
+            self.woken.set()
+        else:
+            self.failed.add(sequence)
+            self.woken.set()
+
+    async def all_settled(self) -> None:
+        await self.in_flight.wait_value(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,24 +117,33 @@ class SubscriberStatistics:
 
 
 class Subscriber:
-    """Feeds each routed domain's forwarder from that domain's own consumer, while it has work.
+    """Feeds each routed domain's forwarder, from the ingress or from the domain's own consumer, while it has work.
 
-    In: the routes, followed as they change; wakes (``wake``, ``wake_waiting``)
-    for domains with events waiting: from the ingress as it stores each event,
-    and from each reading of the backlog (events other instances stored,
-    events waiting since before the start). Out: ``Delivery`` to
-    ``forwarder[domain]``, never more than the forwarder has room for (its
-    ``room`` semaphore counts free in-flight slots; a fetch asks for exactly
-    those), so no message waits in memory while its ack_wait runs out, and a
-    domain whose backend hangs stops fetching while the others go on.
+    In: the routes, followed as they change; each event the ingress stores
+    (``stored``); wakes (``wake``, ``wake_waiting``) for domains with events
+    waiting in the stream: from each reading of the backlog (events other
+    instances stored, events waiting since before the start, redeliveries),
+    replays, and events the ingress stored that no forwarder took. Out:
+    ``Delivery`` to ``forwarder[domain]``, never more than the forwarder has
+    room for (its ``room`` semaphore counts free in-flight slots; a fetch asks
+    for exactly those), so no message waits in memory while its ack_wait runs
+    out, and a domain whose backend hangs takes no more while the others go on.
 
-    A routed domain is dormant until woken: no consumer, no forwarder, no
-    fetch, so idle tenants cost next to nothing. Woken, it opens its consumer
-    and forwarder and fetches while fetches bring events; after
-    ``nats.consumer_idle_seconds`` more with nothing to do, the consumer is
+    A routed domain is dormant until it has work: no consumer, no forwarder,
+    no fetch, so idle tenants cost next to nothing. An event the ingress
+    stores for a dormant domain starts its forwarder, which takes that event
+    and the next ones straight from the ingress while it has room (no
+    consumer, no fetch; a forwarded event is deleted from the stream rather
+    than acked). The domain's consumer is opened only when events wait in
+    the stream for it: one found no room, failed (the consumer's first
+    delivery of it stands for that attempt, so ``max_deliveries`` counts it),
+    was stored elsewhere or before the start, or a wake came; first the
+    events taken from the ingress settle, so none goes out twice. The
+    consumer is fetched while fetches bring events. After
+    ``nats.consumer_idle_seconds`` with nothing to do, the consumer is
     deleted if drained (nothing waiting, nothing unacknowledged) and the
     domain is dormant again. A
-    domain that loses its route stops being fetched, and its forwarder finishes
+    domain that loses its route stops being fed, and its forwarder finishes
     its in-flight events and retires (its undelivered events stay in the
     stream). A domain whose consumer cannot be opened (or keeps failing) is
     retried with a growing pause; ``statistics()`` counts such domains and one
@@ -156,15 +233,42 @@ class Subscriber:
             self._unconsumable[domain] = failure
 
     def wake(self, domain: str) -> None:
-        """``domain`` has events waiting (just stored here, or seen in the stream): consume it."""
+        """``domain`` has events waiting for its consumer (seen in the stream, replayed, stored but
+        not taken from the ingress), or its route went, or the service stops."""
         state = self._domains.get(domain)
         if state is not None:
+            state.consumer_wanted = True
             state.woken.set()
 
+    def stored(self, domain: str, receipt: PublishReceipt, payload: bytes) -> None:
+        """The ingress stored an event for ``domain``: hand it over, or wake the domain's consumer.
+
+        A dormant domain takes it straight from memory, and so does a domain
+        whose forwarder does so already, while it has room: no consumer, no
+        fetch; the event leaves the stream once it reached every endpoint.
+        Otherwise (a consumer serves the domain, no room, a repeat of an event
+        already stored) the domain's consumer is woken to fetch it.
+        """
+        state = self._domains.get(domain)
+        if state is None:
+            return
+        dormant = not (state.visiting or state.consumer_wanted)
+        if not receipt.duplicate and (state.intake is not None or dormant):
+            delivery = Delivery.from_ingress(payload, receipt.sequence)
+            if state.intake is not None and state.intake.take(delivery):
+                return
+            if dormant and len(state.arrivals) < self._config.forwarding.max_in_flight_per_domain:
+                state.arrivals.append(delivery)
+                state.woken.set()
+                return
+        self.wake(domain)
+
     def wake_waiting(self, waiting_by_domain: Mapping[str, int]) -> None:
-        """Wake every domain with events in the stream (a reading of the backlog)."""
+        """Wake every domain with events in the stream (a reading of the backlog) that its
+        forwarder has not taken from the ingress."""
         for domain, waiting in waiting_by_domain.items():
-            if waiting:
+            state = self._domains.get(domain)
+            if state is not None and waiting > (state.intake.in_stream if state.intake is not None else 0):
                 self.wake(domain)
 
     async def _serve_domain(self, domain: str, retire: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
@@ -179,7 +283,11 @@ class Subscriber:
             while not (self._stopping.is_set() or retire.is_set()):
                 await state.woken.wait()
                 if not (self._stopping.is_set() or retire.is_set()):
-                    await self._consume(domain, state, retire)
+                    state.visiting = True
+                    try:
+                        await self._consume(domain, state, retire)
+                    finally:
+                        state.visiting = False
         finally:
             # A route that came back meanwhile has a task of its own by now.
             if self._domains.get(domain) is state:
@@ -187,8 +295,9 @@ class Subscriber:
                 self._unconsumable.pop(domain, None)
 
     async def _consume(self, domain: str, state: _Domain, retire: trio.Event) -> None:
-        """Run the domain's forwarder and feed it from the domain's consumer until the consumer is
-        deleted for idleness, the route goes or the service stops; then let the forwarder finish."""
+        """Run the domain's forwarder and feed it, from the ingress while it can and from the
+        domain's consumer after that, until it is idle, the route goes or the service stops; then
+        let the forwarder finish."""
         max_in_flight = self._config.forwarding.max_in_flight_per_domain
         room = trio.Semaphore(max_in_flight)
         send, receive = trio.open_memory_channel[Delivery](max_in_flight)
@@ -210,14 +319,52 @@ class Subscriber:
                 await nursery.start(forwarder.run)
                 with send:
                     await trio_util.wait_any(
-                        self._stopping.wait, retire.wait, partial(self._fetch_while_busy, domain, state, send, room)
+                        self._stopping.wait, retire.wait, partial(self._feed, domain, state, send, room)
                     )
         finally:
             if self._forwarders.get(domain) is forwarder:
                 del self._forwarders[domain]
 
-    async def _fetch_while_busy(
+    async def _feed(
         self, domain: str, state: _Domain, forwarder: trio.MemorySendChannel[Delivery], room: trio.Semaphore
+    ) -> None:
+        """Feed the forwarder from the ingress, if an event the ingress stored woke the domain, until
+        the domain's consumer is needed (or the intake was idle for ``nats.consumer_idle_seconds``);
+        then, if needed, from the consumer."""
+        arrivals, state.arrivals = state.arrivals, []
+        intake = None
+        if arrivals and not state.consumer_wanted:
+            # A wake from now on is work for the consumer.
+            state.woken = trio.Event()
+            intake = _Intake(forwarder, room, state.woken)
+            for delivery in arrivals:
+                intake.take(delivery)  # no more than the room holds
+            state.intake = intake
+            idle_seconds = self._config.nats.consumer_idle_seconds
+            try:
+                while not state.woken.is_set():
+                    with trio.move_on_at(intake.last_event_at + idle_seconds):
+                        await state.woken.wait()
+                    if state.woken.is_set():
+                        break
+                    if intake.in_flight.value:
+                        await trio_util.wait_any(intake.all_settled, state.woken.wait)
+                    elif trio.current_time() >= intake.last_event_at + idle_seconds:
+                        return
+            finally:
+                state.intake = None
+                intake.open = False
+            # Not before those it took have settled: the consumer would fetch them again.
+            await intake.all_settled()
+        await self._fetch_while_busy(domain, state, forwarder, room, intake)
+
+    async def _fetch_while_busy(
+        self,
+        domain: str,
+        state: _Domain,
+        forwarder: trio.MemorySendChannel[Delivery],
+        room: trio.Semaphore,
+        intake: _Intake | None,
     ) -> None:
         """Fetch into the forwarder's room; return once the consumer was deleted for idleness.
 
@@ -250,10 +397,24 @@ class Subscriber:
             finally:
                 for _ in range(wanted - len(deliveries)):
                     room.release()
+            tried_from_ingress = intake.failed if intake is not None else set()
+            forwarded_from_ingress = intake.forwarded if intake is not None else set()
             for delivery in deliveries:
-                # The channel holds max_in_flight and the room semaphore
-                # admits no more, so this never blocks.
-                forwarder.send_nowait(delivery)
+                sequence = delivery.stream_sequence
+                if sequence in forwarded_from_ingress:
+                    # It reached every endpoint from the ingress; only its deletion failed.
+                    forwarded_from_ingress.discard(sequence)
+                    room.release()
+                    await self._acks.send(delivery)
+                elif delivery.delivery_attempt == 1 and sequence in tried_from_ingress:
+                    # JetStream's count of the attempt made from the ingress: left
+                    # unacked, it comes again after ack_wait as the second.
+                    tried_from_ingress.discard(sequence)
+                    room.release()
+                else:
+                    # The channel holds max_in_flight and the room semaphore
+                    # admits no more, so this never blocks.
+                    forwarder.send_nowait(delivery)
             return bool(deliveries)
 
         async def all_forwarded() -> None:
@@ -272,6 +433,7 @@ class Subscriber:
             nonlocal last_events_at
             # A wake from now on means work this fetch may not see.
             state.woken = trio.Event()
+            state.consumer_wanted = False
             fetched_at = trio.current_time()
             if await fetch_into_room(consumer):
                 busy = fetched_at - last_events_at < IDLE_FETCH_SECONDS

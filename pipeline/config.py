@@ -76,9 +76,9 @@ class NatsConfig(_Section):
     # Window in which a repeated event_id (a client's retry) is stored once.
     duplicate_window_seconds: float = Field(120.0, gt=0)
     publish_timeout_seconds: float = Field(5.0, gt=0)
-    # A routed domain's consumer exists while the domain has work: created at its
-    # first waiting event, deleted after this long with nothing to do (never while
-    # it holds unacknowledged events).
+    # A routed domain's consumer exists while events wait for it: created at the
+    # first, deleted after this long with nothing to do (never while it holds
+    # unacknowledged events). A forwarder fed from the ingress alone ends after as long.
     consumer_idle_seconds: float = Field(60.0, gt=0)
     # Embedded server only: where JetStream keeps its files, and whether it fsyncs
     # every write ("always") or on the server's default 2-minute interval.

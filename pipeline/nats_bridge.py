@@ -13,7 +13,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import nats
@@ -60,6 +60,9 @@ CONSUMER_REQUESTS_AT_ONCE = 16
 ADVISORY_ACK_WAIT_SECONDS = 30.0
 # Unrouted domains whose oldest waiting event is looked up (one request each), largest backlog first.
 MAX_UNROUTED_LOOKUPS = 50
+# JetStream's answers to deleting a message that is not (or no longer) in the stream.
+_ERR_SEQUENCE_NOT_FOUND = 10043
+_NO_MESSAGE_FOUND = "no message found"
 # JetStream's refusal of a publish because a limit is reached: "maximum
 # messages per subject exceeded", "maximum bytes exceeded", ...
 _ERR_STREAM_LIMIT = 10077
@@ -151,6 +154,20 @@ class StreamBacklog:
     dead_letters: int  # kept in the dead-letter stream
 
 
+class FromIngress:
+    """The handle of a delivery the ingress hands over as it stores the event, with no consumer.
+
+    Its ack deletes the event from the stream. Whoever takes the delivery sets
+    ``on_settled``, called once with whether the event reached every endpoint
+    (``forwarded``) and whether it has left the stream (``removed``).
+    """
+
+    __slots__ = ("on_settled",)
+
+    def __init__(self) -> None:
+        self.on_settled: Callable[[bool, bool], None] = lambda forwarded, removed: None
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One delivery of a stored event to this service."""
@@ -159,7 +176,17 @@ class Delivery:
     delivery_attempt: int
     stream_sequence: int
     stored_at: datetime
-    handle: Msg  # for acknowledging; opaque outside this module
+    handle: Msg | FromIngress  # for acknowledging; opaque outside this module
+
+    @classmethod
+    def from_ingress(cls, payload: bytes, sequence: int) -> Delivery:
+        """The first delivery of an event just stored, straight from the ingress's memory."""
+        return cls(payload, 1, sequence, datetime.now(UTC), FromIngress())
+
+    def unacked(self) -> None:
+        """This attempt ended without an ack: a delivery from the ingress tells whoever took it."""
+        if isinstance(self.handle, FromIngress):
+            self.handle.on_settled(False, False)
 
 
 class PullConsumer:
@@ -702,17 +729,48 @@ class JetStream:
             raise NatsUnavailable(f"cannot delete from {stream}: {error or type(error).__name__}") from error
 
     async def ack_batch(self, deliveries: Sequence[Delivery]) -> None:
-        """Acknowledge ``deliveries`` in one bridge crossing."""
+        """Acknowledge ``deliveries`` in one bridge crossing.
 
-        async def ack_all() -> None:
+        Those a consumer delivered are acked (fire and forget); those from the
+        ingress are deleted from the stream, all at once, and each one's
+        ``on_settled`` learns whether that worked.
+        """
+        from_ingress = [delivery for delivery in deliveries if isinstance(delivery.handle, FromIngress)]
+
+        async def ack_all() -> list[bool]:
             for delivery in deliveries:
-                try:
-                    await delivery.handle.ack()
-                except nats.errors.Error as error:
-                    # Not acked means redelivered after ack_wait: at-least-once holds.
-                    log.warning("Ack failed", stream_sequence=delivery.stream_sequence, error=str(error))
+                if isinstance(delivery.handle, Msg):
+                    try:
+                        await delivery.handle.ack()
+                    except nats.errors.Error as error:
+                        # Not acked means redelivered after ack_wait: at-least-once holds.
+                        log.warning("Ack failed", stream_sequence=delivery.stream_sequence, error=str(error))
+            return list(await asyncio.gather(*(self._remove_event(d.stream_sequence) for d in from_ingress)))
 
-        await aio_as_trio(ack_all)()
+        removed = await aio_as_trio(ack_all)()
+        for delivery, gone in zip(from_ingress, removed, strict=True):
+            assert isinstance(delivery.handle, FromIngress)
+            delivery.handle.on_settled(True, gone)
+
+    async def _remove_event(self, sequence: int) -> bool:
+        """Delete a forwarded event from the event stream (asyncio side); whether it is gone."""
+        # nats-py's delete_msg has the server overwrite the message first; no need.
+        request = json.dumps({"seq": sequence, "no_erase": True}).encode()
+        try:
+            reply = await self._client.request(
+                f"{api.DEFAULT_PREFIX}.STREAM.MSG.DELETE.{self.config.stream_name}",
+                request,
+                timeout=self.config.publish_timeout_seconds,
+            )
+            error = json.loads(reply.data).get("error")
+        except (*_NATS_ERRORS, ValueError) as failure:
+            error = {"description": str(failure) or type(failure).__name__}
+        if error is None:
+            return True
+        if error.get("err_code") == _ERR_SEQUENCE_NOT_FOUND or error.get("description") == _NO_MESSAGE_FOUND:
+            return True  # already gone
+        log.warning("Cannot delete a forwarded event", stream_sequence=sequence, error=error.get("description"))
+        return False
 
     async def open_consumer(self, domain: str, max_in_flight: int) -> PullConsumer:
         """Create or update ``domain``'s durable pull consumer and subscribe to it."""

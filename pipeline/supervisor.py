@@ -127,7 +127,7 @@ async def _run_pipeline(
                 # Before the backlog monitor: its first reading wakes the domains with events waiting.
                 await actors.start(subscriber.run)
                 await actors.start(backlog.run)
-                await actors.start(Ingress(jetstream, publish_receive, routes, subscriber.wake).run)
+                await actors.start(Ingress(jetstream, publish_receive, routes, subscriber.stored).run)
                 make_app = partial(
                     create_app,
                     config,

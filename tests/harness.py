@@ -292,6 +292,18 @@ class NatsServer:
             for info in stream_detail.get("consumer_detail", [])
         }
 
+    async def stream_messages(self, stream: str) -> int:
+        """How many messages the stream holds, from the server's monitoring endpoint (/jsz)."""
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"http://127.0.0.1:{self.monitor_port}/jsz", params={"streams": "true"})
+        [messages] = [
+            stream_detail["state"]["messages"]
+            for account in response.json().get("account_details", [])
+            for stream_detail in account.get("stream_detail", [])
+            if stream_detail["name"] == stream
+        ]
+        return messages
+
     async def consumer_state(self, stream: str, consumer: str) -> dict[str, Any]:
         """The consumer's state from the server's monitoring endpoint (/jsz)."""
         consumers = await self.consumers(stream)

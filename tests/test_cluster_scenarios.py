@@ -40,13 +40,14 @@ def _peers(node: ClusterNode, detail: dict[str, Any]) -> set[str]:
     return {node.name, cluster.get("leader", ""), *(replica["name"] for replica in cluster.get("replicas", []))} - {""}
 
 
-async def _wait_assets(cluster: NatsCluster, node: ClusterNode) -> dict[str, dict[str, Any]]:
-    """``node``'s streams once it holds, each with a leader, the three streams and the two consumers."""
+async def _wait_assets(
+    cluster: NatsCluster, node: ClusterNode, consumers: tuple[str, ...] = ("dead-letter-writer",)
+) -> dict[str, dict[str, Any]]:
+    """``node``'s streams once it holds, each with a leader, the three streams and ``consumers``."""
     while True:
         streams = await _streams(cluster, node)
-        consumers = _consumers(streams)
-        assets = [*(streams.get(name) for name in STREAMS), consumers.get(DOMAIN_CONSUMER)]
-        assets.append(consumers.get("dead-letter-writer"))
+        held = _consumers(streams)
+        assets = [*(streams.get(name) for name in STREAMS), *(held.get(name) for name in consumers)]
         if all(asset is not None and asset.get("cluster", {}).get("leader") for asset in assets):
             return streams
         await trio.sleep(0.05)
@@ -65,16 +66,24 @@ async def test_every_stream_and_consumer_has_three_replicas_and_events_flow(
     nats_cluster: NatsCluster, start_backend: StartBackend
 ):
     backend = await start_backend()
-    config = make_config(nats_cluster.urls, {"ok.vn": [backend.url]}, nats={"replicas": 3})
+    backend.release = trio.Event()
+    # One in flight: the second event finds no room, so the domain's consumer fetches it.
+    config = make_config(
+        nats_cluster.urls, {"ok.vn": [backend.url]}, nats={"replicas": 3}, forwarding={"max_in_flight_per_domain": 1}
+    )
     with trio.fail_after(30):
         await nats_cluster.wait_meta_leader()
         async with running_service(config) as service:
-            accepted = await service.post_event(call_event("ok.vn", "replicated", event_id="replicated-1"))
-            await backend.wait_count(1)
+            accepted = [
+                await service.post_event(call_event("ok.vn", call_id, event_id=f"{call_id}-1"))
+                for call_id in ("replicated", "fetched")
+            ]
+            backend.release.set()
+            await backend.completed.wait_value(2)
             reporter = nats_cluster.nodes[0]
-            streams = await _wait_assets(nats_cluster, reporter)
-    assert accepted.status_code == 202
-    assert [body["event_id"] for body in backend.bodies()] == ["replicated-1"]
+            streams = await _wait_assets(nats_cluster, reporter, ("dead-letter-writer", DOMAIN_CONSUMER))
+    assert [response.status_code for response in accepted] == [202, 202]
+    assert [body["event_id"] for body in backend.bodies()] == ["replicated-1", "fetched-1"]
     every_node = {node.name for node in nats_cluster.nodes}
     for name in STREAMS:
         assert streams[name]["config"]["num_replicas"] == 3, name

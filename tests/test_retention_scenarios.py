@@ -212,22 +212,23 @@ async def test_routes_the_nats_account_cannot_serve_are_refused_at_start_and_at_
     assert routes["route_count"] == 2
 
 
-def _take_consumer_slot(url: str, *, release: bool = False) -> None:
-    """Create (or with ``release``, delete) a durable consumer of the service's stream that no route uses."""
+def _take_consumer_slots(url: str, count: int, *, release: bool = False) -> None:
+    """Create (or with ``release``, delete) ``count`` durable consumers of the service's stream that no route uses."""
 
     async def change() -> None:
         client = await nats.connect(url)
-        if release:
-            await client.jetstream().delete_consumer("test-signals", "slot-taker")
-        else:
-            await client.jetstream().add_consumer(
-                "test-signals",
-                nats.js.api.ConsumerConfig(
-                    durable_name="slot-taker",
-                    filter_subject="test.signal.other",
-                    ack_policy=nats.js.api.AckPolicy.EXPLICIT,
-                ),
-            )
+        for n in range(count):
+            if release:
+                await client.jetstream().delete_consumer("test-signals", f"slot-taker-{n}")
+            else:
+                await client.jetstream().add_consumer(
+                    "test-signals",
+                    nats.js.api.ConsumerConfig(
+                        durable_name=f"slot-taker-{n}",
+                        filter_subject=f"test.signal.other-{n}",
+                        ack_policy=nats.js.api.AckPolicy.EXPLICIT,
+                    ),
+                )
         await client.close()
 
     asyncio.run(change())
@@ -251,18 +252,19 @@ async def test_a_domain_whose_consumer_the_account_refuses_backs_off_and_health_
     write_config(path, url, routes, nats=small)
     with trio.fail_after(120):
         async with running_service(load_config(path), config_path=path) as service:
-            # Consumers are opened for domains with work: t0.vn's and t1.vn's now (with the
-            # dead-letter writers', three of four).
+            # Events the ingress hands over need no consumer.
             for n, domain in enumerate(["t0.vn", "t1.vn"]):
                 assert (await service.post_event(call_event(domain, f"served-{n}"))).status_code == 202
             await backend.wait_count(2)
-            # The last free consumer slot goes to someone else: the next domain with work cannot have one.
-            await trio.to_thread.run_sync(_take_consumer_slot, url)
+            # The free consumer slots (the dead-letter writers' holds one of four) go to
+            # someone else, and t2.vn has an event waiting from before its route: the
+            # next domain whose consumer must fetch cannot have one.
+            await trio.to_thread.run_sync(_take_consumer_slots, url, 3)
+            assert (await service.post_event(call_event("t2.vn", "waits"))).status_code == 202
             write_config(path, url, routes | {"t2.vn": [backend.url]}, nats=small)
             with capture_logs() as logs:
                 reload = await service.client.post(f"{service.url}/api/config/reload")
                 assert reload.status_code == 200
-                assert (await service.post_event(call_event("t2.vn", "waits"))).status_code == 202
                 # Three failed opens in a row: at 1 s apart each would have been a warning.
                 stats = await wait_for_api(
                     service,
@@ -278,7 +280,7 @@ async def test_a_domain_whose_consumer_the_account_refuses_backs_off_and_health_
                 assert (await service.post_event(call_event(domain, f"again-{n}"))).status_code == 202
             await backend.wait_count(4)
 
-            await trio.to_thread.run_sync(partial(_take_consumer_slot, url, release=True))
+            await trio.to_thread.run_sync(partial(_take_consumer_slots, url, 3, release=True))
             # The next try, at most RECONSUME_MAX_DELAY_SECONDS away, opens t2.vn's consumer.
             with trio.fail_after(RECONSUME_MAX_DELAY_SECONDS + 10):
                 await backend.wait_count(5)

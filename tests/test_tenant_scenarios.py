@@ -18,31 +18,43 @@ def _nothing_consuming(response: httpx.Response) -> bool:
     return response.json()["consuming_domains"] == 0
 
 
-async def test_only_domains_with_work_hold_a_consumer(nats_server, start_backend: StartBackend):
+async def test_only_domains_whose_events_wait_in_the_stream_hold_a_consumer(nats_server, start_backend: StartBackend):
     # Regression: every routed domain held a consumer and long-polled it every
-    # 5 s, so idle tenants cost CPU, and on a cluster a raft group each.
-    release = trio.Event()
+    # 5 s, so idle tenants cost CPU, and on a cluster a raft group each; then every
+    # first event of a quiet domain made one, and nats-server asks every consumer
+    # of the stream at each ack whether it still needs the message.
     backend = await start_backend()
-    backend.release = release
+    backend.release = first_held = trio.Event()
     routes = {f"tenant-{n}.vn": [backend.url] for n in range(50)}
-    config = make_config(nats_server.url, routes, nats={"consumer_idle_seconds": 0.2})
+    config = make_config(
+        nats_server.url,
+        routes,
+        nats={"consumer_idle_seconds": 0.2},
+        forwarding={"max_in_flight_per_domain": 1},
+    )
     with trio.fail_after(60):
         async with running_service(config) as service:
             idle = await nats_server.consumers(STREAM)
             assert (await service.post_event(call_event("tenant-7.vn", "first"))).status_code == 202
             await backend.wait_count(1)
-            # The event is being forwarded (unacknowledged): its domain's consumer holds it.
-            working = await nats_server.consumers(STREAM)
-            release.set()
+            # Being forwarded, straight from the ingress: no consumer.
+            from_ingress = await nats_server.consumers(STREAM)
+            # No room for the next one: it waits in the stream for the domain's consumer.
+            assert (await service.post_event(call_event("tenant-7.vn", "second"))).status_code == 202
+            backend.release = second_held = trio.Event()
+            first_held.set()
+            await backend.wait_count(2)
+            fetched = await nats_server.consumers(STREAM)
+            second_held.set()
             await wait_for_api(service, "/api/stats", _nothing_consuming)
             after = await nats_server.consumers(STREAM)
-            # Its next event opens a consumer again.
-            assert (await service.post_event(call_event("tenant-7.vn", "second"))).status_code == 202
-            await backend.completed.wait_value(2)
+            left = await nats_server.stream_messages(STREAM)
     assert idle == {}
-    assert list(working) == [consumer_name("tenant-7.vn")]
-    assert working[consumer_name("tenant-7.vn")]["num_ack_pending"] == 1
+    assert from_ingress == {}
+    assert list(fetched) == [consumer_name("tenant-7.vn")]
+    assert fetched[consumer_name("tenant-7.vn")]["num_ack_pending"] == 1
     assert after == {}
+    assert left == 0
     assert [body["call_id"] for body in backend.bodies()] == ["first", "second"]
 
 
