@@ -147,6 +147,7 @@ class Backend:
     raw_bodies: list[bytes] = field(default_factory=list)
     count: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
     completed: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
+    most_open: int = 0  # requests open at once, at most
     url: str = ""
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -170,6 +171,7 @@ class Backend:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         self.received.append(ReceivedRequest(scope["path"], headers, body))
         self.count.value += 1
+        self.most_open = max(self.most_open, self.count.value - self.completed.value)
         status = self.answer(self.count.value, body)
         if self.release is not None:
             await self.release.wait()
