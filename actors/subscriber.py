@@ -58,6 +58,10 @@ class _Domain:
     arrivals: list[Delivery] = field(default_factory=list)
     intake: _Intake | None = None
 
+    def from_ingress(self) -> int:
+        """Events of this domain in the stream that its forwarder has from the ingress, or is about to."""
+        return len(self.arrivals) + (self.intake.in_stream if self.intake is not None else 0)
+
 
 @dataclass(eq=False, slots=True)
 class _Intake:
@@ -271,11 +275,11 @@ class Subscriber:
         self.wake(domain)
 
     def wake_waiting(self, waiting_by_domain: Mapping[str, int]) -> None:
-        """Wake every domain with events in the stream (a reading of the backlog) that its
-        forwarder has not taken from the ingress."""
+        """Wake every domain with more events in the stream (a reading of the backlog) than it has
+        from the ingress, taken or about to be."""
         for domain, waiting in waiting_by_domain.items():
             state = self._domains.get(domain)
-            if state is not None and waiting > (state.intake.in_stream if state.intake is not None else 0):
+            if state is not None and waiting > state.from_ingress():
                 self.wake(domain)
 
     async def _serve_domain(self, domain: str, retire: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:

@@ -763,10 +763,15 @@ class JetStream:
                 try:
                     replies.append(await self._request_async(delete, request))
                 except _NATS_ERRORS as error:
-                    log.warning("Cannot delete a forwarded event", error=str(error) or type(error).__name__)
+                    log.warning(
+                        "Cannot delete a forwarded event",
+                        stream_sequence=delivery.stream_sequence,
+                        error=str(error) or type(error).__name__,
+                    )
                     replies.append(None)
             pending = [reply for reply in replies if reply is not None]
-            await asyncio.wait(pending, timeout=self.config.publish_timeout_seconds)
+            if pending:
+                await asyncio.wait(pending, timeout=self.config.publish_timeout_seconds)
             removed = []
             for delivery, reply in zip(from_ingress, replies, strict=True):
                 if reply is None:
