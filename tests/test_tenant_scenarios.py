@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from actors import backlog_monitor, subscriber
 from pipeline.events import consumer_name
@@ -98,6 +99,7 @@ async def test_a_sparse_domains_next_event_comes_with_the_wake(
     # A domain whose events come further apart than a fetch lingers keeps no fetch
     # waiting after its event: its next one must come with the ingress's wake.
     monkeypatch.setattr(subscriber, "IDLE_FETCH_SECONDS", 0.0)  # every domain counts as sparse
+    monkeypatch.setattr(subscriber, "INGRESS_MAX_IN_FLIGHT", 0)  # every event goes through the consumer
     monkeypatch.setattr(backlog_monitor, "POLL_SECONDS", 3600.0)  # no reading of the stream after the first
     backend = await start_backend()
     config = make_config(nats_server.url, {"sparse.vn": [backend.url]})
@@ -107,3 +109,26 @@ async def test_a_sparse_domains_next_event_comes_with_the_wake(
                 assert (await service.post_event(call_event("sparse.vn", f"call-{n}"))).status_code == 202
                 await backend.completed.wait_value(n)
     assert [body["call_id"] for body in backend.bodies()] == ["call-1", "call-2", "call-3"]
+
+
+async def test_a_forwarder_fed_from_the_ingress_ends_when_idle_and_starts_again(
+    nats_server, start_backend: StartBackend
+):
+    # A quiet tenant's events never need a consumer: its forwarder starts with an
+    # event, ends after consumer_idle_seconds without one, and the next starts it again.
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"quiet.vn": [backend.url]}, nats={"consumer_idle_seconds": 0.2})
+    with trio.fail_after(60), capture_logs() as logs:
+        async with running_service(config) as service:
+            assert (await service.post_event(call_event("quiet.vn", "first"))).status_code == 202
+            await backend.completed.wait_value(1)
+            await wait_for_api(service, "/api/stats", _nothing_consuming)
+            assert (await service.post_event(call_event("quiet.vn", "second"))).status_code == 202
+            await backend.completed.wait_value(2)
+            await wait_for_api(service, "/api/stats", _nothing_consuming)
+            consumers = await nats_server.consumers(STREAM)
+            left = await nats_server.stream_messages(STREAM)
+    assert consumers == {}
+    assert [entry for entry in logs if entry["event"] == "Consuming" and "quiet" in entry["consumer"]] == []
+    assert left == 0
+    assert [(body["call_id"], body["delivery_attempt"]) for body in backend.bodies()] == [("first", 1), ("second", 1)]
