@@ -76,7 +76,6 @@ class _Intake:
     inbox: trio.MemorySendChannel[Delivery]
     room: trio.Semaphore
     woken: trio.Event  # the domain's, when the intake opened: set when the consumer is needed
-    open: bool = True
     last_event_at: float = -math.inf
     in_flight: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
     in_stream: int = 0
@@ -85,7 +84,7 @@ class _Intake:
 
     def take(self, delivery: Delivery) -> bool:
         """Forward ``delivery`` now if the forwarder keeps up; whether it was taken."""
-        if not self.open or self.in_flight.value >= INGRESS_MAX_IN_FLIGHT:
+        if self.in_flight.value >= INGRESS_MAX_IN_FLIGHT:
             return False
         try:
             self.room.acquire_nowait()
@@ -364,8 +363,7 @@ class Subscriber:
                     elif trio.current_time() >= intake.last_event_at + idle_seconds:
                         return
             finally:
-                state.intake = None
-                intake.open = False
+                state.intake = None  # the ingress's events go to the consumer from now on
             # Not before those it took have settled: the consumer would fetch them again.
             await intake.all_settled()
         await self._fetch_while_busy(domain, state, forwarder, room, intake)
