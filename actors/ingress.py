@@ -41,8 +41,9 @@ class Ingress:
     (its receipt or the error), set before its ``done`` event. Whatever is
     waiting in the inbox is published together in one bridge crossing. Runs
     until the inbox is closed (the HTTP server has stopped) and drained.
-    Each stored event goes to the subscriber (``stored``), which hands it to
-    its domain's forwarder at once or wakes the domain's consumer.
+    The subscriber hears of each event before its publish (``storing``) and
+    of its outcome after (``stored``): it hands a stored event to its domain's
+    forwarder at once or wakes the domain's consumer.
     Back-pressure: the bounded inbox; a full one makes handlers wait.
     """
 
@@ -51,11 +52,13 @@ class Ingress:
         jetstream: JetStream,
         requests: trio.MemoryReceiveChannel[PublishRequest],
         routes: AsyncValue[Routes],
-        stored: Callable[[str, PublishReceipt, bytes], None],
+        storing: Callable[[str], None],
+        stored: Callable[[str, PublishReceipt | Exception, bytes], None],
     ) -> None:
         self._jetstream = jetstream
         self._requests = requests
         self._routes = routes
+        self._storing = storing
         self._stored = stored
         self._warned_unrouted: set[str] = set()
 
@@ -68,17 +71,19 @@ class Ingress:
 
     async def _publish_batches(self) -> None:
         async for batch in batches(self._requests, MAX_BATCH):
+            for request in batch:
+                self._storing(request.event.domain)
             outcomes = await self._jetstream.publish_batch([request.event for request in batch])
             for request, outcome in zip(batch, outcomes, strict=True):
                 request.outcome = outcome
                 request.done.set()
+                self._stored(request.event.domain, outcome, request.event.payload)
                 self._log(request.event, outcome)
 
     def _log(self, event: AcceptedEvent, outcome: PublishReceipt | Exception) -> None:
         if isinstance(outcome, Exception):
             log.error("Failed to publish event", **event.fields, error=str(outcome) or type(outcome).__name__)
             return
-        self._stored(event.domain, outcome, event.payload)
         log.info(
             "Event received and published",
             **event.fields,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -182,6 +183,7 @@ class Subscriber:
         self._retirements: dict[str, trio.Event] = {}  # routed domain → set when its route goes
         self._domains: dict[str, _Domain] = {}  # routed domain → its state
         self._unconsumable: dict[str, ConsumeFailure] = {}  # routed domain → why its consumer fails
+        self._storing: Counter[str] = Counter()  # domain → events the ingress is publishing
         self._config = config
         self._stopping = stopping
 
@@ -249,8 +251,18 @@ class Subscriber:
             state.consumer_wanted = True
             state.woken.set()
 
-    def stored(self, domain: str, receipt: PublishReceipt, payload: bytes) -> None:
-        """The ingress stored an event for ``domain``: hand it over, or wake the domain's consumer.
+    def storing(self, domain: str) -> None:
+        """The ingress publishes an event for ``domain``; ``stored`` follows, whatever the outcome.
+
+        Until then a reading of the backlog may count the event already, and
+        must not take it for one waiting for the consumer.
+        """
+        self._storing[domain] += 1
+
+    def stored(self, domain: str, outcome: PublishReceipt | Exception, payload: bytes) -> None:
+        """The ingress stored an event for ``domain`` (or failed to: ``outcome`` is the error).
+
+        A stored event is handed over, or the domain's consumer is woken.
 
         A dormant domain takes it straight from memory, and so does a domain
         whose forwarder does so already, while it keeps up: no consumer, no
@@ -259,9 +271,13 @@ class Subscriber:
         repeat of an event already stored) the domain's consumer is woken to
         fetch it.
         """
+        self._storing[domain] -= 1
+        if not self._storing[domain]:
+            del self._storing[domain]
         state = self._domains.get(domain)
-        if state is None:
+        if state is None or isinstance(outcome, Exception):
             return
+        receipt = outcome
         dormant = not (state.visiting or state.consumer_wanted)
         if not receipt.duplicate and (state.intake is not None or dormant):
             delivery = Delivery.from_ingress(payload, receipt.sequence)
@@ -275,10 +291,10 @@ class Subscriber:
 
     def wake_waiting(self, waiting_by_domain: Mapping[str, int]) -> None:
         """Wake every domain with more events in the stream (a reading of the backlog) than it has
-        from the ingress, taken or about to be."""
+        from the ingress, taken, about to be, or still being stored."""
         for domain, waiting in waiting_by_domain.items():
             state = self._domains.get(domain)
-            if state is not None and waiting > state.from_ingress():
+            if state is not None and waiting > state.from_ingress() + self._storing[domain]:
                 self.wake(domain)
 
     async def _serve_domain(self, domain: str, retire: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:

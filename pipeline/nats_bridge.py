@@ -2,19 +2,21 @@
 
 nats-py is asyncio-only; ``open_jetstream`` runs it on a trio-asyncio loop and
 every method here crosses the bridge once (about 0.3 ms), so callers pass
-batches: many publishes, many acks, one fetch of many messages.
+batches: many acks, one fetch of many messages. The hot path's requests
+(publishing events, deleting forwarded ones) do not cross: they go over a
+trio-native connection of their own (``pipeline/nats_link.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn
+from urllib.parse import ParseResult, urlparse
 
 import nats
 import nats.errors
@@ -26,10 +28,11 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from trio_asyncio import aio_as_trio
-from trio_util import AsyncBool
+from trio_util import AsyncBool, AsyncValue
 
 from pipeline.config import NatsConfig
 from pipeline.events import AcceptedEvent, consumer_name, domain_subject, event_key, subject_domain
+from pipeline.nats_link import LinkError, NatsLink, Reply, Request, header_block, open_nats_link
 from pipeline.streams import (
     ERR_NO_SUITABLE_PEERS,
     MIN_CONSUMER_LIMIT,
@@ -47,6 +50,7 @@ IDLE_FETCH_SECONDS = 5.0
 BATCH_WINDOW_SECONDS = 0.005
 DRAIN_TIMEOUT_SECONDS = 5.0
 RECONNECT_WAIT_SECONDS = 1.0
+CONNECT_TIMEOUT_SECONDS = 2.0
 # Pause before re-opening a consumer after an error, doubling while it keeps failing,
 # so a consumer the server refuses (an account's consumer limit) costs little.
 RECONSUME_DELAY_SECONDS = 1.0
@@ -291,11 +295,8 @@ class JetStream:
         self.streams = Streams(config)
         self.consumer_limit = MIN_CONSUMER_LIMIT  # of the event stream, once ensure_streams ran
         self._consumer_requests = trio.Semaphore(CONSUMER_REQUESTS_AT_ONCE)
-        # Our own replies to publishes and deletions (see _request_async), per client.
-        self._reply_client: NatsClient | None = None
-        self._reply_prefix = ""
-        self._replies: dict[str, asyncio.Future[Msg]] = {}
-        self._reply_tokens = itertools.count()
+        # The connection publishes and deletions go over (see _keep_link); None while there is none.
+        self._link: AsyncValue[NatsLink | None] = AsyncValue(None)
 
     @property
     def server_url(self) -> str:
@@ -336,7 +337,7 @@ class JetStream:
             reconnect_time_wait=RECONNECT_WAIT_SECONDS,
             ping_interval=10,
             max_outstanding_pings=2,
-            connect_timeout=2,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
             drain_timeout=int(DRAIN_TIMEOUT_SECONDS),
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
@@ -372,6 +373,55 @@ class JetStream:
             self.connection_number += 1
             await self._connect_until_up(url)
             log.info("NATS connection rebuilt", url=self.server_url)
+
+    async def _keep_link(self, url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the hot path's connection open to the server nats-py is connected to, until cancelled.
+
+        Started once the first link is up; a link that breaks is replaced as
+        soon as nats-py is connected (again).
+        """
+        started = False
+        while True:
+            await self.connected.wait_value(True)
+            try:
+                async with open_nats_link(self._link_url(url), "telephony-forwarder", CONNECT_TIMEOUT_SECONDS) as link:
+                    self._link.value = link
+                    if not started:
+                        task_status.started()
+                        started = True
+                    await link.serve()
+                log.warning("NATS request connection closed; opening a new one")
+            except (LinkError, OSError, trio.TooSlowError, trio.BrokenResourceError) as error:
+                log.warning("NATS request connection failed; retrying", error=str(error) or type(error).__name__)
+                await trio.sleep(RECONNECT_WAIT_SECONDS)
+            finally:
+                self._link.value = None
+
+    def _link_url(self, url: str) -> ParseResult:
+        """The server nats-py is connected to, with the credentials of the configured URLs.
+
+        A server nats-py found itself (a cluster's other nodes) has no
+        credentials in its URL; nats-py, too, uses the configured ones then.
+        """
+        connected = self._client.connected_url
+        assert connected is not None
+        if connected.username:
+            return connected
+        for server in url.split(","):
+            configured = urlparse(server.strip())
+            if configured.username:
+                return connected._replace(netloc=f"{configured.netloc.rpartition('@')[0]}@{connected.netloc}")
+        return connected
+
+    async def _requests_link(self) -> NatsLink:
+        """The link for a request, waiting for one while nats-py is connected, at most the publish timeout."""
+        link = self._link.value
+        if link is not None and not link.closed:
+            return link
+        if self.connected.value:
+            with trio.move_on_after(self.config.publish_timeout_seconds):
+                return await self._link.wait_value(lambda link: link is not None and not link.closed)
+        raise NatsUnavailable("not connected to NATS")
 
     async def _drain(self) -> None:
         self._closing = True
@@ -494,97 +544,55 @@ class JetStream:
         self.consumer_limit = limit
 
     async def publish_batch(self, events: Sequence[AcceptedEvent]) -> list[PublishReceipt | Exception]:
-        """Store ``events`` in one bridge crossing; one receipt or error per event, in order.
+        """Store ``events`` with one send over the link; one receipt or error per event, in order.
 
         Each is published with ``Nats-Msg-Id`` = ``event_key(domain, event_id)``,
         so a repeat inside the duplicate window is stored once (and reported as
         a duplicate). A limit JetStream enforces comes back as ``StreamRefused``;
         an event over the server's ``max_payload`` gets ``EventTooLarge`` and is not sent.
         """
-        if not self.connected.value:
-            unavailable = NatsUnavailable("not connected to NATS")
+        try:
+            link = await self._requests_link()
+        except NatsUnavailable as unavailable:
             return [unavailable for _ in events]
         pattern = self.config.subject_pattern
+        results: list[PublishReceipt | Exception | None] = []
+        requests: list[Request] = []
+        for event in events:
+            headers = {"Nats-Msg-Id": event.message_id or event_key(event.domain, event.event_id)}
+            # The server counts the headers against max_payload and closes the connection for a message over it.
+            limit = link.max_payload - len(header_block(headers))
+            if len(event.payload) > limit:
+                results.append(EventTooLarge(len(event.payload), limit))
+            else:
+                results.append(None)
+                requests.append(Request(domain_subject(pattern, event.domain), event.payload, headers))
+        replies = iter(await self._request_all(link, requests))
+        return [result if result is not None else self._publish_outcome(next(replies)) for result in results]
 
-        async def publish_all() -> list[PublishReceipt | Exception]:
-            # Every message goes out at once and one timer bounds the batch.
-            replies: list[asyncio.Future[Msg] | Exception] = []
-            for event in events:
-                try:
-                    replies.append(
-                        await self._publish_async(
-                            domain_subject(pattern, event.domain),
-                            event.payload,
-                            event.message_id or event_key(event.domain, event.event_id),
-                        )
-                    )
-                except Exception as error:  # this event's own outcome; the others go on
-                    replies.append(error)
-            pending = [reply for reply in replies if isinstance(reply, asyncio.Future)]
-            if pending:
-                await asyncio.wait(pending, timeout=self.config.publish_timeout_seconds)
-            results: list[PublishReceipt | Exception] = []
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    results.append(reply)
-                elif not reply.done():
-                    reply.cancel()
-                    results.append(NatsUnavailable("timed out waiting for JetStream to store the event"))
-                else:
-                    results.append(self._publish_outcome(reply.result()))
-            return results
+    async def _request_all(self, link: NatsLink, requests: Sequence[Request]) -> list[Reply | None]:
+        """Send ``requests`` over ``link``; their replies (None: none) within the publish timeout.
 
-        return await aio_as_trio(publish_all)()
-
-    async def _publish_async(self, subject: str, payload: bytes, message_id: str) -> asyncio.Future[Msg]:
-        """Publish to JetStream; the future resolves to JetStream's answer (``_publish_outcome`` reads it).
-
-        Not nats-py's ``publish_async``: when JetStream refuses a message (a full
-        stream, a domain over its quota) it hands the error to the connection's
-        error callback and never resolves the future, so the caller would wait
-        out its whole timeout and learn nothing.
+        A request left unanswered closes the link: a server that does not
+        answer in time is not trusted with the next ones.
         """
-        # The server counts the headers against max_payload and closes the
-        # connection for a message over it; nats-py checks the payload alone.
-        headers = {"Nats-Msg-Id": message_id}
-        limit = self._client.max_payload - _header_block_size(headers)
-        if len(payload) > limit:
-            raise EventTooLarge(len(payload), limit)
-        return await self._request_async(subject, payload, headers)
-
-    async def _request_async(
-        self, subject: str, payload: bytes, headers: dict[str, str] | None = None
-    ) -> asyncio.Future[Msg]:
-        """Send a request whose answer resolves the returned future (asyncio side).
-
-        Cheaper than nats-py's ``request`` for many at once: no timer per
-        request (the caller bounds a whole batch with one), one subscription.
-        """
-        client = self._client
-        if self._reply_client is not client:
-            self._reply_prefix = client.new_inbox() + "."
-            self._replies = {}
-            await client.subscribe(self._reply_prefix + "*", cb=self._on_reply)
-            self._reply_client = client
-        token = str(next(self._reply_tokens))
-        reply: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
-        reply.add_done_callback(lambda _: self._replies.pop(token, None))
-        self._replies[token] = reply
+        pending = await link.send_requests(requests)
         try:
-            await client.publish(subject, payload, reply=self._reply_prefix + token, headers=headers)
-        except BaseException:
-            reply.cancel()
-            raise
-        return reply
+            with trio.move_on_after(self.config.publish_timeout_seconds) as waited:
+                await pending.wait_answered()
+            if waited.cancelled_caught:
+                link.close()
+        finally:
+            replies = pending.collect()
+        return replies
 
-    async def _on_reply(self, message: Msg) -> None:
-        reply = self._replies.get(message.subject.rpartition(".")[2])
-        if reply is not None and not reply.done():
-            reply.set_result(message)
-
-    def _publish_outcome(self, message: Msg) -> PublishReceipt | Exception:
+    def _publish_outcome(self, message: Reply | None) -> PublishReceipt | Exception:
         """JetStream's answer to a publish: the receipt, or the refusal."""
-        if message.headers and message.headers.get("Status") == "503":
+        if message is None:
+            return NatsUnavailable(
+                "timed out waiting for JetStream to store the event (or the connection to it dropped)"
+            )
+        if message.status == "503":
             return NatsUnavailable(f"no JetStream stream stores {self.config.subject_pattern}")
         try:
             answer = json.loads(message.data)
@@ -737,61 +745,54 @@ class JetStream:
             raise NatsUnavailable(f"cannot delete from {stream}: {error or type(error).__name__}") from error
 
     async def ack_batch(self, deliveries: Sequence[Delivery]) -> None:
-        """Acknowledge ``deliveries`` in one bridge crossing.
+        """Settle ``deliveries``: those a consumer delivered are acked, in one bridge crossing.
 
-        Those a consumer delivered are acked (fire and forget); those from the
-        ingress are deleted from the stream, all at once under one timeout, and
-        each one's ``on_settled`` learns whether that worked.
+        Acks are fire and forget. Events from the ingress are deleted from the
+        stream, all at once over the link under one timeout, and each one's
+        ``on_settled`` learns whether that worked.
         """
+        consumed = [delivery for delivery in deliveries if isinstance(delivery.handle, Msg)]
+        if consumed:
+            await aio_as_trio(self._ack_all)(consumed)
         from_ingress = [delivery for delivery in deliveries if isinstance(delivery.handle, FromIngress)]
-        # nats-py's delete_msg has the server overwrite the message first; no need.
-        delete = f"{api.DEFAULT_PREFIX}.STREAM.MSG.DELETE.{self.config.stream_name}"
-
-        async def ack_all() -> list[bool]:
-            for delivery in deliveries:
-                if isinstance(delivery.handle, Msg):
-                    try:
-                        await delivery.handle.ack()
-                    except nats.errors.Error as error:
-                        # Not acked means redelivered after ack_wait: at-least-once holds.
-                        log.warning("Ack failed", stream_sequence=delivery.stream_sequence, error=str(error))
-            if not from_ingress:
-                return []
-            replies: list[asyncio.Future[Msg] | None] = []
-            for delivery in from_ingress:
-                request = b'{"seq":%d,"no_erase":true}' % delivery.stream_sequence
-                try:
-                    replies.append(await self._request_async(delete, request))
-                except _NATS_ERRORS as error:
-                    log.warning(
-                        "Cannot delete a forwarded event",
-                        stream_sequence=delivery.stream_sequence,
-                        error=str(error) or type(error).__name__,
-                    )
-                    replies.append(None)
-            pending = [reply for reply in replies if reply is not None]
-            if pending:
-                await asyncio.wait(pending, timeout=self.config.publish_timeout_seconds)
-            removed = []
-            for delivery, reply in zip(from_ingress, replies, strict=True):
-                if reply is None:
-                    removed.append(False)
-                elif not reply.done():
-                    reply.cancel()
-                    log.warning("No answer to deleting a forwarded event", stream_sequence=delivery.stream_sequence)
-                    removed.append(False)
-                else:
-                    removed.append(self._deleted(delivery, reply.result()))
-            return removed
-
-        removed = await aio_as_trio(ack_all)()
+        if not from_ingress:
+            return
+        removed = await self._delete_forwarded(from_ingress)
         for delivery, gone in zip(from_ingress, removed, strict=True):
             assert isinstance(delivery.handle, FromIngress)
             delivery.handle.on_settled(True, gone)
 
     @staticmethod
-    def _deleted(delivery: Delivery, answer: Msg) -> bool:
+    async def _ack_all(deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            assert isinstance(delivery.handle, Msg)
+            try:
+                await delivery.handle.ack()
+            except nats.errors.Error as error:
+                # Not acked means redelivered after ack_wait: at-least-once holds.
+                log.warning("Ack failed", stream_sequence=delivery.stream_sequence, error=str(error))
+
+    async def _delete_forwarded(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        """Delete forwarded events from the stream; whether each is gone."""
+        try:
+            link = await self._requests_link()
+        except NatsUnavailable as error:
+            log.warning("Cannot delete forwarded events", events=len(deliveries), error=str(error))
+            return [False for _ in deliveries]
+        # nats-py's delete_msg has the server overwrite the message first; no need.
+        subject = f"{api.DEFAULT_PREFIX}.STREAM.MSG.DELETE.{self.config.stream_name}"
+        requests = [
+            Request(subject, b'{"seq":%d,"no_erase":true}' % delivery.stream_sequence) for delivery in deliveries
+        ]
+        replies = await self._request_all(link, requests)
+        return [self._deleted(delivery, reply) for delivery, reply in zip(deliveries, replies, strict=True)]
+
+    @staticmethod
+    def _deleted(delivery: Delivery, answer: Reply | None) -> bool:
         """Whether JetStream's answer to deleting ``delivery``'s event says it is gone."""
+        if answer is None:
+            log.warning("No answer to deleting a forwarded event", stream_sequence=delivery.stream_sequence)
+            return False
         try:
             error = json.loads(answer.data).get("error")
         except ValueError:
@@ -861,11 +862,6 @@ def domain_consumer_config(config: NatsConfig, domain: str, max_in_flight: int) 
         max_ack_pending=max(1000, 4 * max_in_flight),
         num_replicas=config.replicas,
     )
-
-
-def _header_block_size(headers: dict[str, str]) -> int:
-    """Bytes of the header block nats-py sends (HPUB): ``NATS/1.0``, one line per header, a blank line."""
-    return len(b"NATS/1.0\r\n\r\n") + sum(len(f"{name}: {value}\r\n".encode()) for name, value in headers.items())
 
 
 async def keep_consuming(
@@ -938,6 +934,7 @@ async def open_jetstream(config: NatsConfig, url: str, routed_domains: int) -> A
             await jetstream.ensure_streams(routed_domains)
             async with trio.open_nursery() as keeper:
                 keeper.start_soon(jetstream._keep_connected, url)
+                await keeper.start(jetstream._keep_link, url)
                 try:
                     yield jetstream
                 finally:

@@ -127,7 +127,8 @@ async def _run_pipeline(
                 # Before the backlog monitor: its first reading wakes the domains with events waiting.
                 await actors.start(subscriber.run)
                 await actors.start(backlog.run)
-                await actors.start(Ingress(jetstream, publish_receive, routes, subscriber.stored).run)
+                ingress = Ingress(jetstream, publish_receive, routes, subscriber.storing, subscriber.stored)
+                await actors.start(ingress.run)
                 make_app = partial(
                     create_app,
                     config,

@@ -11,7 +11,7 @@ from trio_util import AsyncValue
 
 from actors.subscriber import UNCONSUMABLE_REPORT_SECONDS, Subscriber
 from pipeline.config import Config
-from pipeline.nats_bridge import ConsumeFailure, JetStream
+from pipeline.nats_bridge import ConsumeFailure, JetStream, NatsUnavailable
 from pipeline.routes import Endpoint, open_routes
 
 
@@ -60,3 +60,29 @@ async def test_dormant_domains_end_when_their_route_goes_and_when_the_service_st
             assert set(subscriber._domains) == {"b.vn"}
             stopping.set()
     assert subscriber._domains == {}
+
+
+async def test_a_backlog_reading_does_not_wake_a_domain_for_an_event_still_being_stored():
+    # The ingress publishes over a connection of its own: a reading of the backlog
+    # can count an event whose publish answer the ingress has not read yet. Taken
+    # for one waiting in the stream, it would open a consumer for nothing.
+    acks, _ = trio.open_memory_channel(0)
+    outcomes, _ = trio.open_memory_channel(0)
+    endpoint = (Endpoint("http://127.0.0.1:9/"),)
+    subscriber = Subscriber(
+        cast(JetStream, None), open_routes({"a.vn": endpoint}), acks, outcomes, Config(), trio.Event()
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(subscriber.run)
+            state = subscriber._domains["a.vn"]
+            subscriber.storing("a.vn")
+            subscriber.wake_waiting({"a.vn": 1})
+            assert not state.woken.is_set()
+            # Not stored after all (a refusal): the event is not waiting; one that is wakes the domain.
+            subscriber.stored("a.vn", NatsUnavailable("timed out"), b"{}")
+            subscriber.wake_waiting({"a.vn": 0})
+            assert not state.woken.is_set()
+            subscriber.wake_waiting({"a.vn": 1})
+            assert state.woken.is_set() and state.consumer_wanted
+            nursery.cancel_scope.cancel()

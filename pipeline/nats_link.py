@@ -1,0 +1,279 @@
+"""The hot path's own NATS connection: requests and their replies on a trio stream.
+
+Publishing an event and deleting a forwarded one are a request each (a PUB or
+HPUB with a reply subject) and JetStream's one-message answer. Through nats-py
+on the trio-asyncio loop such a request cost ~0.5 ms of CPU, most of it asyncio
+callbacks each taking a trio step; spoken here in NATS's text protocol on a
+trio socket it costs ~0.2 ms (bench/RESULTS.md). nats-py keeps everything else:
+stream and consumer management, fetches, acks, and the connection state the
+service follows (``JetStream.connected``).
+
+A link is one connection. It never reconnects: when it breaks every request
+waiting on it gets no answer, and ``JetStream`` opens another.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from urllib.parse import ParseResult, unquote
+
+import trio
+
+DEFAULT_PORT = 4222
+RECEIVE_SIZE = 64 * 1024
+# A line the server sends (INFO, a message's control line) is never near this long.
+MAX_LINE = 1024 * 1024
+_CRLF = b"\r\n"
+
+
+class LinkError(Exception):
+    """The connection could not be opened, or the server refused it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A reply message: its status header (``"503"`` for no responders) if it had one, and its data."""
+
+    status: str | None
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    subject: str
+    payload: bytes
+    headers: dict[str, str] | None = None
+
+    def encode(self, reply_to: bytes) -> bytes:
+        subject = self.subject.encode()
+        if self.headers is None:
+            return b"PUB %s %s %d\r\n%s\r\n" % (subject, reply_to, len(self.payload), self.payload)
+        block = header_block(self.headers)
+        return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+            subject,
+            reply_to,
+            len(block),
+            len(block) + len(self.payload),
+            block,
+            self.payload,
+        )
+
+
+def header_block(headers: dict[str, str]) -> bytes:
+    """``NATS/1.0``, one line per header, a blank line: what the server counts against max_payload too."""
+    return b"NATS/1.0\r\n%s\r\n" % b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
+
+
+class PendingReplies:
+    """The replies to requests sent together: wait for them, then collect them."""
+
+    def __init__(self, link: NatsLink, tokens: list[bytes]) -> None:
+        self._link = link
+        self._tokens = tokens
+        self._replies: list[Reply | None] = [None] * len(tokens)
+        self._unanswered = len(tokens)
+        self._answered = trio.Event()
+        if not tokens:
+            self._answered.set()
+
+    def _settle(self, index: int, reply: Reply | None) -> None:
+        self._replies[index] = reply
+        self._unanswered -= 1
+        if not self._unanswered:
+            self._answered.set()
+
+    async def wait_answered(self) -> None:
+        """Until every request has its reply, or the link broke."""
+        await self._answered.wait()
+
+    def collect(self) -> list[Reply | None]:
+        """One reply per request, in order; None where none came. Later replies are dropped."""
+        for token in self._tokens:
+            self._link._waiting.pop(token, None)
+        return self._replies
+
+
+class NatsLink:
+    """One connection to a NATS server that sends requests and reads their replies.
+
+    ``send_requests`` may be called from many tasks at once; ``serve`` must
+    run (in its own task) for replies to arrive, and returns when the connection ends.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, info: dict, inbox: bytes, leftover: bytes) -> None:
+        self._stream = stream
+        self.max_payload: int = info.get("max_payload", 1024 * 1024)
+        self.server = f"{info.get('host')}:{info.get('port')}"
+        self._buffer = bytearray(leftover)
+        self._send_lock = trio.Lock()
+        self._inbox = inbox
+        self._next_token = 0
+        self._waiting: dict[bytes, tuple[PendingReplies, int]] = {}
+        self.closed = False
+
+    async def send_requests(self, requests: Sequence[Request]) -> PendingReplies:
+        """Send ``requests`` at once (one write); their replies arrive in the returned ``PendingReplies``."""
+        tokens = [b"%d" % token for token in range(self._next_token, self._next_token + len(requests))]
+        self._next_token += len(requests)
+        pending = PendingReplies(self, tokens)
+        if self.closed:
+            for index in range(len(tokens)):
+                pending._settle(index, None)
+            return pending
+        for index, token in enumerate(tokens):
+            self._waiting[token] = (pending, index)
+        commands = [request.encode(self._inbox + token) for request, token in zip(requests, tokens, strict=True)]
+        await self._send(b"".join(commands))
+        return pending
+
+    async def _send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        # A send cut short would leave half a command on the wire: it finishes,
+        # or the link is closed.
+        deadline = trio.current_effective_deadline()
+        try:
+            async with self._send_lock:
+                with trio.CancelScope(shield=True, deadline=deadline) as sending:
+                    await self._stream.send_all(data)
+                if sending.cancelled_caught:
+                    self.close()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self.close()
+
+    def close(self) -> None:
+        """End the link: every request still waiting gets no answer; ``serve`` returns."""
+        if self.closed:
+            return
+        self.closed = True
+        waiting, self._waiting = self._waiting, {}
+        for pending, index in waiting.values():
+            pending._settle(index, None)
+        # Closing a trio stream is synchronous for sockets; an SSL stream's is not.
+        transport = self._stream.transport_stream if isinstance(self._stream, trio.SSLStream) else self._stream
+        assert isinstance(transport, trio.SocketStream)
+        transport.socket.close()
+
+    async def serve(self) -> None:
+        """Read replies (and answer the server's pings) until the connection ends."""
+        try:
+            while not self.closed:
+                line = await self._line()
+                if line.startswith((b"MSG ", b"HMSG ")):
+                    await self._message(line)
+                elif line == b"PING":
+                    await self._send(b"PONG\r\n")
+                elif line.startswith(b"-ERR"):
+                    raise LinkError(f"the server said {line[5:].decode(errors='replace').strip()}")
+                # +OK, PONG and INFO (the cluster's servers changed) need nothing.
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            if not self.closed:
+                raise
+        finally:
+            self.close()
+
+    async def _message(self, line: bytes) -> None:
+        fields = line.split()
+        with_headers = fields[0] == b"HMSG"
+        size = int(fields[-1])
+        header_size = int(fields[-2]) if with_headers else 0
+        body = await self._exactly(size + 2)
+        status = None
+        if with_headers:
+            first = body[: body.find(_CRLF)].split(maxsplit=2)
+            status = first[1].decode() if len(first) > 1 else None
+        waiting = self._waiting.pop(fields[1].rpartition(b".")[2], None)
+        if waiting is not None:
+            pending, index = waiting
+            pending._settle(index, Reply(status, bytes(body[header_size:size])))
+
+    async def _line(self) -> bytes:
+        while (end := self._buffer.find(_CRLF)) < 0:
+            if len(self._buffer) > MAX_LINE:
+                raise LinkError("the server sent a line longer than any it should")
+            await self._receive()
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 2]
+        return line
+
+    async def _exactly(self, size: int) -> bytearray:
+        while len(self._buffer) < size:
+            await self._receive()
+        data = self._buffer[:size]
+        del self._buffer[:size]
+        return data
+
+    async def _receive(self) -> None:
+        data = await self._stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            raise trio.BrokenResourceError("the server closed the connection")
+        self._buffer += data
+
+
+@asynccontextmanager
+async def open_nats_link(url: ParseResult, name: str, connect_timeout: float) -> AsyncIterator[NatsLink]:
+    """Connect to the server at ``url`` (``nats://`` or ``tls://``, credentials as nats-py reads them).
+
+    Raises ``LinkError`` (or ``OSError``) if it cannot connect, or refuses the connection, within ``connect_timeout``.
+    """
+    host = url.hostname or "127.0.0.1"
+    with trio.fail_after(connect_timeout):
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, url.port or DEFAULT_PORT)
+        try:
+            info_line, leftover = await _first_line(stream, b"")
+            if not info_line.startswith(b"INFO "):
+                raise LinkError(f"not a NATS server (it said {info_line[:40]!r})")
+            info = json.loads(info_line[5:])
+            if url.scheme == "tls" or info.get("tls_required"):
+                stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=host)
+                await stream.do_handshake()
+            options = {
+                "verbose": False,
+                "pedantic": False,
+                "lang": "python3",
+                "version": "telephony-forwarder",
+                "protocol": 1,
+                "headers": True,
+                "no_responders": True,
+                "name": name,
+            }
+            # As nats-py reads a URL: user and password, or a lone user as a token.
+            if url.username and url.password:
+                options |= {"user": unquote(url.username), "pass": unquote(url.password)}
+            elif url.username:
+                options["auth_token"] = unquote(url.username)
+            # Subscribed to the replies before the first request: the server has the SUB once it answers the PING.
+            inbox = b"_INBOX.%s." % secrets.token_hex(11).encode()
+            await stream.send_all(b"CONNECT %s\r\nSUB %s* 1\r\nPING\r\n" % (json.dumps(options).encode(), inbox))
+            while True:
+                line, leftover = await _first_line(stream, leftover)
+                if line == b"PONG":
+                    break
+                if line.startswith(b"-ERR"):
+                    raise LinkError(f"the server refused the connection: {line[5:].decode(errors='replace').strip()}")
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+    link = NatsLink(stream, info, inbox, leftover)
+    try:
+        yield link
+    finally:
+        link.close()
+
+
+async def _first_line(stream: trio.abc.Stream, buffer: bytes) -> tuple[bytes, bytes]:
+    """The first line in ``buffer`` + what ``stream`` sends next, and what comes after it."""
+    data = bytearray(buffer)
+    while (end := data.find(_CRLF)) < 0:
+        if len(data) > MAX_LINE:
+            raise LinkError("the server sent a line longer than any it should")
+        chunk = await stream.receive_some(RECEIVE_SIZE)
+        if not chunk:
+            raise LinkError("the server closed the connection")
+        data += chunk
+    return bytes(data[:end]), bytes(data[end + 2 :])
