@@ -47,8 +47,8 @@ class BacklogMonitor:
     In: the stream's state, read every ``POLL_SECONDS`` (the first time before
     it reports started); the ingress's admissions of events for domains without
     a route (``admit_unrouted``, ``settle_unrouted``). Out: each reading's
-    waiting events by domain to ``on_reading`` (the subscriber wakes those
-    domains); ``latest`` (None
+    waiting events by domain to the function ``begin_reading`` returned as the
+    reading began (the subscriber wakes those domains); ``latest`` (None
     until the first read and while NATS cannot answer), the reports built from
     it for /health, /api/stats and the dashboard, and the answer to whether an
     unrouted event may be stored. Runs until ``stopping`` is set.
@@ -60,10 +60,10 @@ class BacklogMonitor:
         jetstream: JetStream,
         routes: AsyncValue[Routes],
         stopping: trio.Event,
-        on_reading: Callable[[Mapping[str, int]], None],
+        begin_reading: Callable[[], Callable[[Mapping[str, int]], None]],
     ) -> None:
         self._jetstream = jetstream
-        self._on_reading = on_reading
+        self._begin_reading = begin_reading
         self._routes = routes
         self._stopping = stopping
         self.latest: StreamBacklog | None = None
@@ -92,13 +92,14 @@ class BacklogMonitor:
     async def _read_backlog(self) -> None:
         stored_before = _Tally(self._stored.events, self._stored.bytes)
         routes = self._routes.value
+        on_reading = self._begin_reading()
         try:
             self.latest = backlog = await self._jetstream.backlog(routes.keys())
         except NatsUnavailable as error:
             log.debug("Cannot read the backlog", error=str(error))
             self.latest = None
             return
-        self._on_reading(backlog.by_domain)
+        on_reading(backlog.by_domain)
         unrouted = sum(count for domain, count in backlog.by_domain.items() if domain not in routes)
         self._read = _Tally(unrouted, backlog.bytes)
         self._stored_before_read = stored_before

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -58,6 +58,7 @@ class _Domain:
     visiting: bool = False  # a forwarder runs: the domain is not dormant
     arrivals: list[Delivery] = field(default_factory=list)
     intake: _Intake | None = None
+    removed: int = 0  # events its intakes deleted from the stream, ever
 
     def from_ingress(self) -> int:
         """Events of this domain in the stream that its forwarder has from the ingress, or is about to."""
@@ -74,6 +75,7 @@ class _Intake:
     ``forwarded`` those that reached every endpoint but could not be deleted.
     """
 
+    domain: _Domain
     inbox: trio.MemorySendChannel[Delivery]
     room: trio.Semaphore
     woken: trio.Event  # the domain's, when the intake opened: set when the consumer is needed
@@ -104,6 +106,7 @@ class _Intake:
         self.in_flight.value -= 1
         if removed:
             self.in_stream -= 1
+            self.domain.removed += 1
         elif forwarded:
             self.forwarded.add(sequence)
             self.woken.set()
@@ -289,12 +292,24 @@ class Subscriber:
                 return
         self.wake(domain)
 
-    def wake_waiting(self, waiting_by_domain: Mapping[str, int]) -> None:
+    def begin_reading(self) -> Callable[[Mapping[str, int]], None]:
+        """A reading of the backlog begins: the function to give its waiting events by domain.
+
+        The reading comes over nats-py's connection and the deletions over
+        another: by the time it arrives, events it counts may be gone.
+        """
+        removed_before = {domain: state.removed for domain, state in self._domains.items() if state.removed}
+        return partial(self.wake_waiting, removed_before)
+
+    def wake_waiting(self, removed_before: Mapping[str, int], waiting_by_domain: Mapping[str, int]) -> None:
         """Wake every domain with more events in the stream (a reading of the backlog) than it has
-        from the ingress, taken, about to be, or still being stored."""
+        from the ingress (taken, about to be, being stored, or deleted since the reading began)."""
         for domain, waiting in waiting_by_domain.items():
             state = self._domains.get(domain)
-            if state is not None and waiting > state.from_ingress() + self._storing[domain]:
+            if state is None:
+                continue
+            deleted_since = state.removed - removed_before.get(domain, 0)
+            if waiting > state.from_ingress() + self._storing[domain] + deleted_since:
                 self.wake(domain)
 
     async def _serve_domain(self, domain: str, retire: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
@@ -362,7 +377,7 @@ class Subscriber:
         if arrivals and not state.consumer_wanted:
             # A wake from now on is work for the consumer.
             state.woken = trio.Event()
-            intake = _Intake(forwarder, room, state.woken)
+            intake = _Intake(state, forwarder, room, state.woken)
             for delivery in arrivals:
                 if not intake.take(delivery):
                     state.woken.set()  # no room (a smaller max_in_flight_per_domain): the consumer fetches it

@@ -111,7 +111,7 @@ async def _run_pipeline(
                 max_domains=config.stats.max_domains,
             )
             subscriber = Subscriber(jetstream, routes, acks_send, outcomes_send, config, stopping)
-            backlog = BacklogMonitor(jetstream, routes, stopping, subscriber.wake_waiting)
+            backlog = BacklogMonitor(jetstream, routes, stopping, subscriber.begin_reading)
             reload_send, reload_receive = trio.open_memory_channel[ReloadRequest](RELOAD_QUEUE_SIZE)
             watcher = None
             if config_path is not None:

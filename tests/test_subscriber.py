@@ -62,10 +62,11 @@ async def test_dormant_domains_end_when_their_route_goes_and_when_the_service_st
     assert subscriber._domains == {}
 
 
-async def test_a_backlog_reading_does_not_wake_a_domain_for_an_event_still_being_stored():
-    # The ingress publishes over a connection of its own: a reading of the backlog
-    # can count an event whose publish answer the ingress has not read yet. Taken
-    # for one waiting in the stream, it would open a consumer for nothing.
+async def test_a_backlog_reading_does_not_wake_a_domain_for_events_it_has_from_the_ingress():
+    # Readings of the backlog come over nats-py's connection, publishes and deletions
+    # over another: a reading can count an event whose publish answer the ingress
+    # has not read yet, or one deleted while the reading was on its way. Taken for
+    # events waiting in the stream, they would open a consumer for nothing.
     acks, _ = trio.open_memory_channel(0)
     outcomes, _ = trio.open_memory_channel(0)
     endpoint = (Endpoint("http://127.0.0.1:9/"),)
@@ -77,12 +78,18 @@ async def test_a_backlog_reading_does_not_wake_a_domain_for_an_event_still_being
             await nursery.start(subscriber.run)
             state = subscriber._domains["a.vn"]
             subscriber.storing("a.vn")
-            subscriber.wake_waiting({"a.vn": 1})
+            subscriber.begin_reading()({"a.vn": 1})
             assert not state.woken.is_set()
-            # Not stored after all (a refusal): the event is not waiting; one that is wakes the domain.
+            # Not stored after all (a refusal): nothing of it waits.
             subscriber.stored("a.vn", NatsUnavailable("timed out"), b"{}")
-            subscriber.wake_waiting({"a.vn": 0})
+            subscriber.begin_reading()({"a.vn": 0})
             assert not state.woken.is_set()
-            subscriber.wake_waiting({"a.vn": 1})
+            # Deleted by the domain's intake while the reading was on its way.
+            reading = subscriber.begin_reading()
+            state.removed += 1
+            reading({"a.vn": 1})
+            assert not state.woken.is_set()
+            # One the domain does not have waits for its consumer.
+            subscriber.begin_reading()({"a.vn": 1})
             assert state.woken.is_set() and state.consumer_wanted
             nursery.cancel_scope.cancel()
