@@ -26,7 +26,7 @@ and summed. A target counts as met only when every run meets it.
 ``--service-config`` merges YAML into every run's service configuration.
 ``--ab`` runs each scenario with A's and then B's YAML merged in (the order
 alternating from round to round) and prints both columns with the ratio of
-their medians; the scenarios that run no service (baseline, sink ceiling) run
+their medians; the scenarios that run no service (the baselines, sink ceiling) run
 once per round and are shared by both columns.
 
 Prints the tables and the verdicts, and writes every run's raw numbers as
@@ -72,6 +72,7 @@ from harness import (
 SCENARIOS = (
     "sink_ceiling",
     "baseline",
+    "baseline_paced",
     "ingest_only",
     "full_1x2",
     "full_200x2",
@@ -83,11 +84,36 @@ SCENARIOS = (
 # The isolation scenarios: events spread over this many domains, then the same with one more that hangs.
 ISOLATION_DOMAINS = {"isolation": 20, "isolation_100": 100}
 # They start no service: run once per round, the same runs in both columns of an A/B.
-WITHOUT_SERVICE = ("sink_ceiling", "baseline")
+WITHOUT_SERVICE = ("sink_ceiling", "baseline", "baseline_paced")
 # Run only when asked for by name (or, for tenants, by --tenants): they take minutes.
 OPT_IN = ("tenants",)
 # The scenarios that load the service with wrk (the others use bench/paced.py).
 WITH_WRK = ("sink_ceiling", "baseline", "ingest_only", "full_1x2", "full_200x2", "memory")
+
+
+def start_baseline(processes: list) -> tuple[subprocess.Popen, str]:
+    """bench/baseline_app.py on a free port, answering; returns it and its URL."""
+    port = free_port()
+    baseline = subprocess.Popen([sys.executable, str(HERE / "baseline_app.py"), str(port)], stderr=subprocess.DEVNULL)
+    processes.append(baseline)
+    wait_http(f"http://127.0.0.1:{port}/", process=baseline)
+    return baseline, f"http://127.0.0.1:{port}"
+
+
+def baseline_paced(seconds: float, rate: float, processes: list) -> dict:
+    """The baseline at the isolation scenario's load (``rate`` over 20 domains): what HTTP alone costs there."""
+    baseline, url = start_baseline(processes)
+    meter = proctree.CpuMeter(baseline.pid)
+    load = paced(url, rate, seconds, [f"tenant-{n}.example.vn" for n in range(ISOLATION_DOMAINS["isolation"])])
+    cpu = meter.used()["service"]
+    stop(baseline)
+    return {
+        "rate": rate,
+        "accepted_per_s": round(rate * load["accepted"] / max(load["sent"], 1), 1),
+        "post_p99_ms": round(load["post_p99_ms"], 2),
+        "cpu_s_per_1000_events_service": round(cpu / max(load["accepted"], 1) * 1000, 2),
+        "cpu_s_per_1000_events_total": round(cpu / max(load["accepted"], 1) * 1000, 2),
+    }
 
 
 def ingest_only(work: Path, seconds: float, processes: list, extra: dict) -> dict:
@@ -157,6 +183,8 @@ def fixed_rate(
         "e2e_p50_ms": percentile(latencies, 0.50),
         "e2e_p90_ms": percentile(latencies, 0.90),
         "e2e_p99_ms": percentile(latencies, 0.99),
+        # Without the first second, when every domain's first event starts its forwarder (a cold start).
+        "e2e_p99_after_1s_ms": percentile(sinks[0].latencies[int(rate) :] + sinks[1].latencies[int(rate) :], 0.99),
         "delivered": delivered,
         **tree_figures(service, meter, load["accepted"]),
     }
@@ -209,15 +237,12 @@ def run_scenario(name: str, work: Path, args: argparse.Namespace, processes: lis
         stop(sink.process)
         return {name: result}
     if name == "baseline":
-        port = free_port()
-        baseline = subprocess.Popen(
-            [sys.executable, str(HERE / "baseline_app.py"), str(port)], stderr=subprocess.DEVNULL
-        )
-        processes.append(baseline)
-        wait_http(f"http://127.0.0.1:{port}/", process=baseline)
-        result = wrk(f"http://127.0.0.1:{port}/events", args.seconds, ["bench.example.vn"])
+        baseline, url = start_baseline(processes)
+        result = wrk(f"{url}/events", args.seconds, ["bench.example.vn"])
         stop(baseline)
         return {name: result}
+    if name == "baseline_paced":
+        return {name: baseline_paced(args.seconds, args.rate, processes)}
     if name == "ingest_only":
         return {name: ingest_only(work, args.seconds, processes, extra)}
     if name in ("full_1x2", "full_200x2"):

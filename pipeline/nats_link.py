@@ -108,7 +108,6 @@ class NatsLink:
     def __init__(self, stream: trio.abc.Stream, info: dict, inbox: bytes, leftover: bytes) -> None:
         self._stream = stream
         self.max_payload: int = info.get("max_payload", 1024 * 1024)
-        self.server = f"{info.get('host')}:{info.get('port')}"
         self._buffer = bytearray(leftover)
         self._send_lock = trio.Lock()
         self._inbox = inbox
@@ -128,7 +127,11 @@ class NatsLink:
         for index, token in enumerate(tokens):
             self._waiting[token] = (pending, index)
         commands = [request.encode(self._inbox + token) for request, token in zip(requests, tokens, strict=True)]
-        await self._send(b"".join(commands))
+        try:
+            await self._send(b"".join(commands))
+        except BaseException:  # cancelled waiting for the send lock: nothing was sent
+            pending.collect()
+            raise
         return pending
 
     async def _send(self, data: bytes) -> None:

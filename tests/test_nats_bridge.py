@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import cast
+from urllib.parse import urlparse
 
 import trio
 import trio.testing
+from nats.aio.client import Client as NatsClient
 from structlog.testing import capture_logs
 from trio_util import AsyncBool
 
+from pipeline.config import NatsConfig
 from pipeline.nats_bridge import (
     ConsumeFailure,
     JetStream,
@@ -63,3 +66,16 @@ async def test_a_consumer_that_keeps_failing_is_retried_ever_more_slowly(autojum
     assert [entry["failures"] for entry in warnings] == [1, 1]
     quiet = [entry for entry in logs if entry["log_level"] == "debug" and entry["event"].startswith("Consumer inter")]
     assert [entry["failures"] for entry in quiet] == [2, 3, 4, 5, 6]
+
+
+def test_the_link_goes_to_nats_pys_server_with_the_configured_credentials():
+    # A cluster's other nodes, as nats-py finds them, come without credentials;
+    # the link, like nats-py, uses the configured ones for them.
+    jetstream = JetStream(NatsConfig())
+    configured = "nats://app:s%40cret@127.0.0.1:4222, nats://127.0.0.1:4224"
+    jetstream._client = cast(NatsClient, SimpleNamespace(connected_url=urlparse("nats://127.0.0.1:4223")))
+    assert jetstream._link_url(configured).geturl() == "nats://app:s%40cret@127.0.0.1:4223"
+    jetstream._client = cast(NatsClient, SimpleNamespace(connected_url=urlparse("nats://other:pw@127.0.0.1:4222")))
+    assert jetstream._link_url(configured).geturl() == "nats://other:pw@127.0.0.1:4222"
+    jetstream._client = cast(NatsClient, SimpleNamespace(connected_url=urlparse("nats://127.0.0.1:4222")))
+    assert jetstream._link_url("nats://127.0.0.1:4222").geturl() == "nats://127.0.0.1:4222"
