@@ -219,8 +219,13 @@ class NatsLink:
 
 
 @asynccontextmanager
-async def open_nats_link(url: ParseResult, name: str, connect_timeout: float) -> AsyncIterator[NatsLink]:
+async def open_nats_link(
+    url: ParseResult, name: str, connect_timeout: float, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[NatsLink]:
     """Connect to the server at ``url`` (``nats://`` or ``tls://``, credentials as nats-py reads them).
+
+    TLS, when the URL or the server asks for it, as nats-py does it: the
+    system's trusted CAs (or ``tls``'s), after the server's INFO.
 
     Raises ``LinkError`` (or ``OSError``) if it cannot connect, or refuses the connection, within ``connect_timeout``.
     """
@@ -233,7 +238,7 @@ async def open_nats_link(url: ParseResult, name: str, connect_timeout: float) ->
                 raise LinkError(f"not a NATS server (it said {info_line[:40]!r})")
             info = json.loads(info_line[5:])
             if url.scheme == "tls" or info.get("tls_required"):
-                stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=host)
+                stream = trio.SSLStream(stream, tls or ssl.create_default_context(), server_hostname=host)
                 await stream.do_handshake()
             options = {
                 "verbose": False,

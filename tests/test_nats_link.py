@@ -10,15 +10,17 @@ and password in the URL.
 from __future__ import annotations
 
 import json
+import ssl
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 import trio
+import trustme
 
 from pipeline.nats_link import LinkError, NatsLink, Request, open_nats_link
-from tests.harness import NatsServer, serve_limited_nats
+from tests.harness import NatsServer, run_nats_server, serve_limited_nats
 
 
 async def run_echo_responder(url: str, subject: bytes, *, task_status: trio.TaskStatus[None]) -> None:
@@ -105,3 +107,29 @@ async def test_a_link_with_wrong_credentials_is_refused(tmp_path: Path, nursery:
         with pytest.raises(LinkError, match="refused the connection"):
             async with open_nats_link(wrong, "test", 2):
                 pass
+
+
+async def test_a_link_to_a_server_that_requires_tls(tmp_path: Path, nursery: trio.Nursery, test_ca: trustme.CA):
+    certificate = test_ca.issue_cert("127.0.0.1")
+    certificate.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    certificate.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    conf = tmp_path / "nats-tls.conf"
+    files = f'cert_file: "{tmp_path / "cert.pem"}", key_file: "{tmp_path / "key.pem"}"'
+    conf.write_text(f"host: 127.0.0.1\nport: -1\ntls {{ {files} }}\n")
+    port = await nursery.start(run_nats_server, "the TLS nats-server", conf)
+    trusting = ssl.create_default_context()
+    test_ca.configure_trust(trusting)
+    with trio.fail_after(10):
+        # A nats:// URL too: the server's INFO says TLS is required.
+        for scheme in ("tls", "nats"):
+            async with open_nats_link(urlparse(f"{scheme}://127.0.0.1:{port}"), "test", 2, trusting) as link:
+                nursery.start_soon(link.serve)
+                pending = await link.send_requests([Request("nobody.listens", b"x")])
+                await pending.wait_answered()
+                (reply,) = pending.collect()
+            assert reply is not None and reply.status == "503"
+        # Not trusted: refused, never sent in the clear.
+        with pytest.raises(trio.BrokenResourceError) as refused:
+            async with open_nats_link(urlparse(f"tls://127.0.0.1:{port}"), "test", 2):
+                pass
+        assert isinstance(refused.value.__cause__, ssl.SSLCertVerificationError)
