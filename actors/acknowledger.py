@@ -7,9 +7,9 @@ import trio
 from pipeline.batching import batches
 from pipeline.nats_bridge import Delivery, JetStream
 
-# Most acks sent in one bridge crossing.
+# Most acks (and deletions of events forwarded from the ingress) sent together.
 MAX_BATCH = 1024
-# How long an ack waits for others to share its crossing. Nobody waits on an
+# How long an ack waits for others to share its send. Nobody waits on an
 # ack (ack_wait is seconds), so a few milliseconds cost nothing.
 LINGER_SECONDS = 0.005
 
@@ -18,7 +18,8 @@ class Acknowledger:
     """Acknowledges deliveries whose event reached every endpoint.
 
     In: ``Delivery`` from every forwarder (each holds a clone of the send end).
-    Out: acks to JetStream, all that are waiting in one bridge crossing. Returns
+    Out: acks to JetStream, all that are waiting in one bridge crossing (and
+    deletions of events forwarded from the ingress, in one send over the NATS link). Returns
     when every forwarder has closed its end and the last acks are handed to
     NATS, which the supervisor then drains. Back-pressure: the bounded inbox.
     """

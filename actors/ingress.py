@@ -16,8 +16,8 @@ from pipeline.routes import Routes
 
 log = structlog.get_logger(component="ingress")
 
-# Largest batch published in one bridge crossing, and how many batches may be in
-# flight at once (their round trips overlap; each still crosses only once).
+# Largest batch published in one send over the NATS link, and how many batches
+# may be in flight at once (their round trips overlap).
 MAX_BATCH = 256
 CONCURRENT_BATCHES = 4
 # Domains already warned about as unrouted; forgotten when full, so a flood of
@@ -39,7 +39,7 @@ class Ingress:
 
     In: ``PublishRequest`` from the HTTP handlers. Out: each request's outcome
     (its receipt or the error), set before its ``done`` event. Whatever is
-    waiting in the inbox is published together in one bridge crossing. Runs
+    waiting in the inbox is published together, in one send over the NATS link. Runs
     until the inbox is closed (the HTTP server has stopped) and drained.
     The subscriber hears of each event before its publish (``storing``) and
     of its outcome after (``stored``): it hands a stored event to its domain's

@@ -75,7 +75,7 @@ class _Intake:
     ``forwarded`` those that reached every endpoint but could not be deleted.
     """
 
-    domain: _Domain
+    state: _Domain  # the domain's, which counts what its intakes deleted
     inbox: trio.MemorySendChannel[Delivery]
     room: trio.Semaphore
     woken: trio.Event  # the domain's, when the intake opened: set when the consumer is needed
@@ -106,7 +106,7 @@ class _Intake:
         self.in_flight.value -= 1
         if removed:
             self.in_stream -= 1
-            self.domain.removed += 1
+            self.state.removed += 1
         elif forwarded:
             self.forwarded.add(sequence)
             self.woken.set()
