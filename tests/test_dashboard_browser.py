@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from tests.harness import CliService, cli_service
 
@@ -141,9 +141,19 @@ def test_log_files_toggle_and_date_picker_show_history(page: Page, service: CliS
     expect(page.locator('.card[data-call-id="history-1"]')).to_be_visible()
     expect(page.get_by_text("Đọc từ log files")).to_be_visible()  # the original label stays beside the English one
 
+    # Regression: a domain picked while the log files' domains were loading was
+    # picked among the live view's, then lost when they arrived.
+    picker_disabled_while_loading = []
+
+    def loading(route: Route) -> None:
+        picker_disabled_while_loading.append(page.get_by_test_id("domain-filter").is_disabled())
+        route.continue_()
+
+    page.route("**/api/logs/domains", loading)
     page.locator("label.switch").click()
     expect(page.get_by_test_id("date-filter")).to_be_visible()
     page.get_by_test_id("domain-filter").select_option(label="vietanh.cloudgo.vn")
+    assert picker_disabled_while_loading == [True]
     dates = service.get("/api/logs/domains")["domains"]
     [logged] = [d for d in dates if d["domain"] == "vietanh.cloudgo.vn"]
     expect(page.get_by_test_id("date-filter").locator("option")).to_have_count(len(logged["dates"]))

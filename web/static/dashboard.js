@@ -415,12 +415,18 @@ async function switchSource(toLogs) {
   renderSourceNote();
   $("#events").replaceChildren();
   if (toLogs) {
+    // The live view's domains are not the log files': none can be picked until those are here.
+    const select = $("#domain-filter");
+    select.replaceChildren(el("option", { value: "", text: t("loading") }));
+    select.disabled = true;
     showState(t("loading"));
     try {
       state.logDomains = (await getJSON("/api/logs/domains")).body.domains;
     } catch (error) {
       showState(t("apiError", { error: error.message }), "error");
       return;
+    } finally {
+      select.disabled = false;
     }
   }
   refreshDomainChoices();
