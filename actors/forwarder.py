@@ -203,15 +203,9 @@ class Forwarder:
                 ]
             results.append(EndpointResult(endpoint.url, await self._post(endpoint.url, body, signed)))
 
-        # All at once; the first in this task, which would only wait for the others.
-        first, *others = endpoints
-        if others:
-            async with trio.open_nursery() as nursery:
-                for endpoint in others:
-                    nursery.start_soon(post, endpoint)
-                await post(first)
-        else:
-            await post(first)
+        async with trio.open_nursery() as nursery:
+            for endpoint in endpoints:
+                nursery.start_soon(post, endpoint)
 
         errors = {result.endpoint: result.error for result in results if result.error is not None}
         outcome = ForwardOutcome(
