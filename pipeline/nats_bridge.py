@@ -383,8 +383,10 @@ class JetStream:
         started = False
         while True:
             await self.connected.wait_value(True)
+            assert self._client.connected_url is not None
+            server = with_configured_credentials(self._client.connected_url, url)
             try:
-                async with open_nats_link(self._link_url(url), "telephony-forwarder", CONNECT_TIMEOUT_SECONDS) as link:
+                async with open_nats_link(server, "telephony-forwarder", CONNECT_TIMEOUT_SECONDS) as link:
                     self._link.value = link
                     if not started:
                         task_status.started()
@@ -396,22 +398,6 @@ class JetStream:
                 await trio.sleep(RECONNECT_WAIT_SECONDS)
             finally:
                 self._link.value = None
-
-    def _link_url(self, url: str) -> ParseResult:
-        """The server nats-py is connected to, with the credentials of the configured URLs.
-
-        A server nats-py found itself (a cluster's other nodes) has no
-        credentials in its URL; nats-py, too, uses the configured ones then.
-        """
-        connected = self._client.connected_url
-        assert connected is not None
-        if connected.username:
-            return connected
-        for server in url.split(","):
-            configured = urlparse(server.strip())
-            if configured.username:
-                return connected._replace(netloc=f"{configured.netloc.rpartition('@')[0]}@{connected.netloc}")
-        return connected
 
     async def _requests_link(self) -> NatsLink:
         """The link for a request, waiting for one while nats-py is connected, at most the publish timeout."""
@@ -845,6 +831,21 @@ class JetStream:
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"cannot open consumer {name}: {error or type(error).__name__}") from error
         return PullConsumer(self, stream, name, subscription)
+
+
+def with_configured_credentials(connected: ParseResult, url: str) -> ParseResult:
+    """The server nats-py is ``connected`` to, with the credentials of the configured ``url``s.
+
+    A server nats-py found itself (a cluster's other nodes) has no
+    credentials in its URL; nats-py, too, uses the configured ones then.
+    """
+    if connected.username:
+        return connected
+    for server in url.split(","):
+        configured = urlparse(server.strip())
+        if configured.username:
+            return connected._replace(netloc=f"{configured.netloc.rpartition('@')[0]}@{connected.netloc}")
+    return connected
 
 
 def domain_consumer_config(config: NatsConfig, domain: str, max_in_flight: int) -> api.ConsumerConfig:

@@ -13,17 +13,16 @@ from urllib.parse import urlparse
 
 import trio
 import trio.testing
-from nats.aio.client import Client as NatsClient
 from structlog.testing import capture_logs
 from trio_util import AsyncBool
 
-from pipeline.config import NatsConfig
 from pipeline.nats_bridge import (
     ConsumeFailure,
     JetStream,
     NatsUnavailable,
     PullConsumer,
     keep_consuming,
+    with_configured_credentials,
 )
 
 
@@ -71,11 +70,10 @@ async def test_a_consumer_that_keeps_failing_is_retried_ever_more_slowly(autojum
 def test_the_link_goes_to_nats_pys_server_with_the_configured_credentials():
     # A cluster's other nodes, as nats-py finds them, come without credentials;
     # the link, like nats-py, uses the configured ones for them.
-    jetstream = JetStream(NatsConfig())
     configured = "nats://app:s%40cret@127.0.0.1:4222, nats://127.0.0.1:4224"
-    jetstream._client = cast(NatsClient, SimpleNamespace(connected_url=urlparse("nats://127.0.0.1:4223")))
-    assert jetstream._link_url(configured).geturl() == "nats://app:s%40cret@127.0.0.1:4223"
-    jetstream._client = cast(NatsClient, SimpleNamespace(connected_url=urlparse("nats://other:pw@127.0.0.1:4222")))
-    assert jetstream._link_url(configured).geturl() == "nats://other:pw@127.0.0.1:4222"
-    jetstream._client = cast(NatsClient, SimpleNamespace(connected_url=urlparse("nats://127.0.0.1:4222")))
-    assert jetstream._link_url("nats://127.0.0.1:4222").geturl() == "nats://127.0.0.1:4222"
+    discovered = with_configured_credentials(urlparse("nats://127.0.0.1:4223"), configured)
+    assert discovered.geturl() == "nats://app:s%40cret@127.0.0.1:4223"
+    own = with_configured_credentials(urlparse("nats://other:pw@127.0.0.1:4222"), configured)
+    assert own.geturl() == "nats://other:pw@127.0.0.1:4222"
+    none = with_configured_credentials(urlparse("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222")
+    assert none.geturl() == "nats://127.0.0.1:4222"
