@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import httpx
 import structlog
 import trio
+import trio_util
 from trio_util import AsyncValue
 
 from actors.stats import ForwardOutcome
@@ -25,7 +26,7 @@ log = structlog.get_logger(component="forwarder")
 USER_AGENT = b"telephony-forwarder"
 Headers = list[tuple[bytes, bytes]]
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-# Closing an httpx pool awaits its connections; a shutdown or a retirement waits no longer.
+# Closing httpx's pool awaits its connections; a shutdown waits no longer.
 CLOSE_SECONDS = 1.0
 
 
@@ -35,15 +36,53 @@ class EndpointResult:
     error: str | None  # None: answered 2xx
 
 
-@dataclass(eq=False, slots=True)
-class _Pool:
-    """One endpoint's connection pool, and the requests using it now."""
+class EndpointConnections:
+    """The connections to every endpoint, shared by all forwarders: one pool of them per origin.
 
-    url: httpx.URL
-    transport: httpx.AsyncBaseTransport
-    headers: Headers  # what every request to the endpoint carries, Host included
-    active: int = 0
-    retired: bool = False  # the route no longer has the endpoint: close once idle
+    No pool limits its connections (the forwarders' in-flight limits bound
+    them), so no request ever waits for a connection another request holds: a
+    domain whose backend hangs holds the connections of its own requests, and
+    every other request, of any domain, takes an idle one or opens its own.
+    Domains whose endpoints share an origin share its idle connections, so a
+    sparse tenant's event seldom needs a new one, and the connections open
+    follow the requests in flight, not the domains routed. ``keep_fresh``
+    closes the idle ones that expired (``KEEPALIVE_EXPIRY_SECONDS``), so an
+    endpoint no longer routed keeps none for long. httpx's own transport
+    (``http_transport: httpx``) closes them when it is next used instead.
+    """
+
+    def __init__(self, config: ForwardingConfig, tls: ssl.SSLContext) -> None:
+        self.transport: httpx.AsyncBaseTransport
+        if config.http_transport == "lean":
+            self.transport = WebhookTransport(tls)
+        else:
+            # No request waits for a pool slot: httpcore #1093 leaks slots of requests cancelled while waiting.
+            limits = httpx.Limits(
+                max_connections=None, max_keepalive_connections=None, keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS
+            )
+            self.transport = httpx.AsyncHTTPTransport(verify=tls, limits=limits)
+        self._targets: dict[str, tuple[httpx.URL, Headers]] = {}  # endpoint URL → it parsed, its fixed headers
+
+    def target(self, url: str) -> tuple[httpx.URL, Headers]:
+        """``url`` parsed, and the headers every request to it carries (Host included)."""
+        target = self._targets.get(url)
+        if target is None:
+            parsed = httpx.URL(url)
+            headers = [(b"Host", parsed.netloc), (b"Content-Type", b"application/json"), (b"User-Agent", USER_AGENT)]
+            target = self._targets[url] = (parsed, headers)
+        return target
+
+    async def keep_fresh(self) -> None:
+        """Close expired idle connections, every ``KEEPALIVE_EXPIRY_SECONDS``, until cancelled."""
+        if not isinstance(self.transport, WebhookTransport):
+            await trio.sleep_forever()
+        async for _ in trio_util.periodic(KEEPALIVE_EXPIRY_SECONDS):
+            self.transport.close_expired()
+
+    async def aclose(self) -> None:
+        """Close every connection; waits ``CLOSE_SECONDS`` at most, even when cancelled."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
+            await self.transport.aclose()
 
 
 class Forwarder:
@@ -58,7 +97,8 @@ class Forwarder:
     retry loop here. After the last attempt JetStream says it gave up, and the dead-letter
     writer files the event (with the errors recorded here). Endpoints are
     read from the routes at each attempt, so a redelivery goes to the
-    endpoints configured now. Each endpoint request has one deadline,
+    endpoints configured now, over the connections all forwarders share
+    (``EndpointConnections``). Each endpoint request has one deadline,
     ``forwarding.timeout_seconds``, for connect, send and the whole answer
     (with the lean transport; httpx's applies it to each socket operation),
     so an attempt ends before ack_wait redelivers its event. Returns when the
@@ -78,7 +118,7 @@ class Forwarder:
         *,
         max_deliveries: int,
         grace_seconds: float,
-        tls: ssl.SSLContext,
+        connections: EndpointConnections,
     ) -> None:
         self.domain = domain
         self._deliveries = deliveries
@@ -89,65 +129,18 @@ class Forwarder:
         self._config = config
         self._max_deliveries = max_deliveries
         self._grace_seconds = grace_seconds
-        self._tls = tls
+        self._connections = connections
         # httpx's transport applies its timeout to each socket operation (connect, each read, each write).
         self._timeout = dict.fromkeys(("connect", "read", "write", "pool"), config.timeout_seconds)
-        self._pools: dict[str, _Pool] = {}  # endpoint URL → its connection pool
-        self._nursery: trio.Nursery | None = None
         self.in_flight = 0  # events being forwarded now, for the operator's view
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            with self._acks, self._outcomes, self._deliveries:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    task_status.started()
-                    async for delivery in self._deliveries:
-                        nursery.start_soon(self._forward, delivery)
-                    nursery.cancel_scope.deadline = trio.current_time() + self._grace_seconds
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
-                for pool in self._pools.values():
-                    await pool.transport.aclose()
-
-    def _pool_for(self, url: str) -> _Pool:
-        """The connection pool of one endpoint, opened at its first request.
-
-        Pools belong to one domain's forwarder, so a hanging backend of one
-        domain never holds connections another domain needs. The room
-        semaphore bounds concurrency, so pools never limit connections (no
-        request waits for a pool slot: httpcore #1093 leaks slots of requests
-        cancelled while waiting) and keep as many idle as can be in flight.
-        """
-        pool = self._pools.get(url)
-        if pool is None:
-            transport: httpx.AsyncBaseTransport
-            if self._config.http_transport == "lean":
-                transport = WebhookTransport(self._tls, max_idle_connections=self._config.max_in_flight_per_domain)
-            else:
-                limits = httpx.Limits(
-                    max_connections=None,
-                    max_keepalive_connections=self._config.max_in_flight_per_domain,
-                    keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
-                )
-                transport = httpx.AsyncHTTPTransport(verify=self._tls, limits=limits)
-            parsed = httpx.URL(url)
-            headers = [(b"Host", parsed.netloc), (b"Content-Type", b"application/json"), (b"User-Agent", USER_AGENT)]
-            pool = self._pools[url] = _Pool(parsed, transport, headers)
-        return pool
-
-    def _retire_pools(self, endpoints: tuple[Endpoint, ...]) -> None:
-        """Close the pools of endpoints the route no longer has, each once its last request has ended."""
-        current = {endpoint.url for endpoint in endpoints}
-        for url in [url for url in self._pools if url not in current]:
-            pool = self._pools.pop(url)
-            pool.retired = True
-            if pool.active == 0:
-                self._nursery.start_soon(self._close, pool)
-
-    async def _close(self, pool: _Pool) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
-            await pool.transport.aclose()
+        with self._acks, self._outcomes, self._deliveries:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                async for delivery in self._deliveries:
+                    nursery.start_soon(self._forward, delivery)
+                nursery.cancel_scope.deadline = trio.current_time() + self._grace_seconds
 
     async def _forward(self, delivery: Delivery) -> None:
         self.in_flight += 1
@@ -190,8 +183,6 @@ class Forwarder:
         key = event_key(self.domain, str(event.get("event_id", "")))
         headers = [(b"Idempotency-Key", key.encode()), (b"Content-Length", b"%d" % len(body))]
         event_log.info("Forwarding event", endpoints=len(endpoints))
-        if len(self._pools) > len(endpoints):
-            self._retire_pools(endpoints)
 
         results: list[EndpointResult] = []
 
@@ -235,33 +226,27 @@ class Forwarder:
 
     async def _post(self, url: str, body: bytes, headers: Headers) -> str | None:
         """POST ``body``; None when the endpoint answered 2xx, else what went wrong, in a few words."""
-        pool = self._pool_for(url)
-        pool.active += 1
-        try:
-            if self._config.http_transport == "httpx":
-                return await self._exchange(pool, body, headers)
-            # One deadline for connect, send and the whole answer; the lean
-            # transport closes the connection of a request it cuts.
-            with trio.move_on_after(self._config.timeout_seconds):
-                return await self._exchange(pool, body, headers)
-            return f"timeout (no complete answer within {self._config.timeout_seconds:g} s)"
-        finally:
-            pool.active -= 1
-            if pool.retired and pool.active == 0:
-                self._nursery.start_soon(self._close, pool)
+        if self._config.http_transport == "httpx":
+            return await self._exchange(url, body, headers)
+        # One deadline for connect, send and the whole answer; the lean
+        # transport closes the connection of a request it cuts.
+        with trio.move_on_after(self._config.timeout_seconds):
+            return await self._exchange(url, body, headers)
+        return f"timeout (no complete answer within {self._config.timeout_seconds:g} s)"
 
-    async def _exchange(self, pool: _Pool, body: bytes, headers: Headers) -> str | None:
+    async def _exchange(self, url: str, body: bytes, headers: Headers) -> str | None:
+        target, target_headers = self._connections.target(url)
         # Headers complete (Host, Content-Length) and the body as a stream: httpx's
         # Request then skips its own header preparation, which costs 4× the rest.
         request = httpx.Request(
             "POST",
-            pool.url,
-            headers=pool.headers + headers,
+            target,
+            headers=target_headers + headers,
             stream=httpx.ByteStream(body),
             extensions={"timeout": self._timeout},
         )
         try:
-            response = await pool.transport.handle_async_request(request)
+            response = await self._connections.transport.handle_async_request(request)
             if not isinstance(response.stream, httpx.ByteStream):  # read already (and capped) by the lean transport
                 await _read_capped(response)
         except httpx.TimeoutException as error:

@@ -15,7 +15,7 @@ import trio
 import trio_util
 from trio_util import AsyncValue
 
-from actors.forwarder import Forwarder
+from actors.forwarder import EndpointConnections, Forwarder
 from actors.stats import ForwardOutcome
 from pipeline.config import Config
 from pipeline.nats_bridge import (
@@ -180,9 +180,7 @@ class Subscriber:
         self._acks = acks
         self._outcomes = outcomes
         self._forwarders: dict[str, Forwarder] = {}
-        # One TLS context for every forwarder's client: each context holds the
-        # CA bundle (~0.9 MB), which is too much per domain.
-        self._tls = httpx.create_ssl_context()
+        self._connections = EndpointConnections(config.forwarding, httpx.create_ssl_context())
         self._retirements: dict[str, trio.Event] = {}  # routed domain → set when its route goes
         self._domains: dict[str, _Domain] = {}  # routed domain → its state
         self._unconsumable: dict[str, ConsumeFailure] = {}  # routed domain → why its consumer fails
@@ -209,24 +207,33 @@ class Subscriber:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with self._acks, self._outcomes:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio_util.wait_any, self._stopping.wait, self._report_unconsumable)
-                while not self._stopping.is_set():
-                    routes = self._routes.value
-                    for domain in [d for d in self._retirements if d not in routes]:
-                        log.info("Route removed; retiring the domain's forwarder", domain=domain)
-                        self._retirements.pop(domain).set()
-                        self.wake(domain)
-                    for domain in [d for d in routes if d not in self._retirements]:
-                        retire = self._retirements[domain] = trio.Event()
-                        await nursery.start(self._serve_domain, domain, retire)
-                    task_status.started()
-                    task_status = trio.TASK_STATUS_IGNORED
-                    await trio_util.wait_any(
-                        self._stopping.wait, partial(self._routes.wait_value, partial(operator.is_not, routes))
-                    )
-                for state in self._domains.values():
-                    state.woken.set()
+            try:
+                await self._follow_routes(task_status)
+            finally:
+                await self._connections.aclose()
+
+    async def _follow_routes(self, task_status: trio.TaskStatus[None]) -> None:
+        """Serve every routed domain, as the routes change, until the service stops and every forwarder finished."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                trio_util.wait_any, self._stopping.wait, self._report_unconsumable, self._connections.keep_fresh
+            )
+            while not self._stopping.is_set():
+                routes = self._routes.value
+                for domain in [d for d in self._retirements if d not in routes]:
+                    log.info("Route removed; retiring the domain's forwarder", domain=domain)
+                    self._retirements.pop(domain).set()
+                    self.wake(domain)
+                for domain in [d for d in routes if d not in self._retirements]:
+                    retire = self._retirements[domain] = trio.Event()
+                    await nursery.start(self._serve_domain, domain, retire)
+                task_status.started()
+                task_status = trio.TASK_STATUS_IGNORED
+                await trio_util.wait_any(
+                    self._stopping.wait, partial(self._routes.wait_value, partial(operator.is_not, routes))
+                )
+            for state in self._domains.values():
+                state.woken.set()
 
     async def _report_unconsumable(self) -> None:
         """Once per interval, while some routed domains cannot be consumed: one warning for them all."""
@@ -352,7 +359,7 @@ class Subscriber:
             self._config.forwarding,
             max_deliveries=self._config.nats.max_deliveries,
             grace_seconds=self._config.server.shutdown_grace_seconds,
-            tls=self._tls,
+            connections=self._connections,
         )
         self._forwarders[domain] = forwarder
         try:

@@ -140,8 +140,10 @@ class WebhookTransport(httpx.AsyncBaseTransport):
     Connections open with ``trio.open_tcp_stream`` (IPv6 and happy eyeballs)
     and, for https, ``trio.SSLStream`` on the shared ``ssl_context`` (SNI and
     verification as the context says). Idle connections are reused newest
-    first and closed after ``KEEPALIVE_EXPIRY_SECONDS``; at most
-    ``max_idle_connections`` are kept. A response with ``Connection: close``,
+    first and closed after ``KEEPALIVE_EXPIRY_SECONDS`` (when their origin is
+    next used, or by ``close_expired``). Their number is not capped: idle
+    connections are never more than were in use at once a moment ago, which
+    the callers' in-flight limits bound. A response with ``Connection: close``,
     an HTTP/1.0 one, a close-delimited body or a body over ``BODY_CAP``
     (``extensions["body_truncated"]`` says so) closes its connection. A request
     that fails on a reused connection before any response byte arrived (the
@@ -154,9 +156,8 @@ class WebhookTransport(httpx.AsyncBaseTransport):
     those in use close when their request ends.
     """
 
-    def __init__(self, ssl_context: ssl.SSLContext, *, max_idle_connections: int) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext) -> None:
         self._ssl_context = ssl_context
-        self._max_idle = max_idle_connections
         self._idle: dict[tuple[bytes, str, int], deque[_Connection]] = {}
         self._closed = False
         self._active = 0
@@ -205,17 +206,27 @@ class WebhookTransport(httpx.AsyncBaseTransport):
                 self._drop(connection)
         self._idle.clear()
 
+    def close_expired(self) -> None:
+        """Close the connections idle for longer than ``KEEPALIVE_EXPIRY_SECONDS``, of every origin."""
+        for origin in list(self._idle):
+            self._drop_expired(self._idle[origin])
+            if not self._idle[origin]:
+                del self._idle[origin]
+
     def _drop(self, connection: _Connection) -> None:
         connection.close()
         self._dropped += 1
+
+    def _drop_expired(self, idle: deque[_Connection]) -> None:
+        expired = trio.current_time() - KEEPALIVE_EXPIRY_SECONDS
+        while idle and idle[0].idle_since < expired:
+            self._drop(idle.popleft())
 
     def _take_idle(self, origin: tuple[bytes, str, int]) -> _Connection | None:
         idle = self._idle.get(origin)
         if not idle:
             return None
-        expired = trio.current_time() - KEEPALIVE_EXPIRY_SECONDS
-        while idle and idle[0].idle_since < expired:
-            self._drop(idle.popleft())
+        self._drop_expired(idle)
         while idle:
             connection = idle.pop()
             if not connection.dropped():
@@ -225,10 +236,10 @@ class WebhookTransport(httpx.AsyncBaseTransport):
         return None
 
     def _keep(self, origin: tuple[bytes, str, int], connection: _Connection) -> None:
-        idle = self._idle.setdefault(origin, deque())
-        if self._closed or len(idle) >= self._max_idle:
+        if self._closed:
             self._drop(connection)
             return
+        idle = self._idle.setdefault(origin, deque())
         connection.idle_since = trio.current_time()
         idle.append(connection)
 

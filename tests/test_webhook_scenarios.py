@@ -105,6 +105,32 @@ async def test_a_backend_closing_idle_connections_costs_no_attempt(nats_server, 
     assert failures(logs) == []
 
 
+async def test_domains_routed_to_one_backend_share_its_connections(
+    nats_server, start_raw_backend: StartRawBackend, http_transport: str
+):
+    # Connections follow the requests in flight, not the routed domains: one
+    # event at a time to each of 20 domains goes over the connection the first opened.
+    received = Received()
+    connections = 0
+
+    async def counting_connections(stream: trio.abc.Stream) -> None:
+        nonlocal connections
+        connections += 1
+        await answering(received)(stream)
+
+    url = await start_raw_backend(counting_connections)
+    domains = [f"tenant-{n}.example" for n in range(20)]
+    config = make_config(nats_server.url, dict.fromkeys(domains, [url]), forwarding={"http_transport": http_transport})
+    with trio.fail_after(SCENARIO_TIMEOUT):
+        async with running_service(config) as service:
+            for n, domain in enumerate(domains):
+                await service.post_event(call_event(domain, f"shared-{n}"))
+                # Its outcome counted: its connection is back among the idle ones.
+                await wait_for_api(service, "/api/stats", lambda r, n=n: r.json()["total_successful"] == n + 1)
+    assert sorted(body["domain"] for body in received.bodies) == sorted(domains)
+    assert connections == 1
+
+
 async def test_a_trickling_backend_fails_the_attempt_at_the_deadline_before_ack_wait(
     nats_server, start_raw_backend: StartRawBackend
 ):

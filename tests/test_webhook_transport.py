@@ -20,7 +20,7 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 def transport(tls: ssl.SSLContext | None = None) -> WebhookTransport:
-    return WebhookTransport(tls or httpx.create_ssl_context(), max_idle_connections=16)
+    return WebhookTransport(tls or httpx.create_ssl_context())
 
 
 async def post(client: WebhookTransport, url: str, **headers: str) -> httpx.Response:
@@ -125,6 +125,25 @@ async def test_idle_connections_expire(start_raw_backend: StartRawBackend, mock_
         await post(client, url)
         await seen.closed_by_client.wait_value(1)  # the expired one was closed
     assert seen.accepted == 2
+
+
+async def test_close_expired_closes_only_the_expired_idle_connections_of_every_origin(
+    start_raw_backend: StartRawBackend, mock_clock: trio.testing.MockClock
+):
+    old_seen, fresh_seen = Connections(), Connections()
+    old_url = await start_raw_backend(answering(OK, old_seen))
+    fresh_url = await start_raw_backend(answering(OK, fresh_seen))
+    client = transport()
+    with trio.fail_after(TEST_TIMEOUT):
+        await post(client, old_url)
+        mock_clock.jump(KEEPALIVE_EXPIRY_SECONDS / 2)
+        await post(client, fresh_url)
+        mock_clock.jump(KEEPALIVE_EXPIRY_SECONDS / 2 + 0.1)
+        client.close_expired()  # nothing posted to either origin since
+        mock_clock.autojump_threshold = 1.0  # a connection left open fails the test, not hangs it
+        await old_seen.closed_by_client.wait_value(1)
+    assert fresh_seen.closed_by_client.value == 0
+    assert client.statistics().open_connections == client.statistics().idle_connections == 1
 
 
 async def test_a_connection_the_backend_closed_while_idle_costs_no_failure(start_raw_backend: StartRawBackend):
