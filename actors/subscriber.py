@@ -59,6 +59,7 @@ class _Domain:
     arrivals: list[Delivery] = field(default_factory=list)
     intake: _Intake | None = None
     removed: int = 0  # events its intakes deleted from the stream, ever
+    feeding: trio.CancelScope | None = None  # its forwarder's feed; cancelled when the route goes or the service stops
 
     def from_ingress(self) -> int:
         """Events of this domain in the stream that its forwarder has from the ingress, or is about to."""
@@ -224,6 +225,7 @@ class Subscriber:
                     log.info("Route removed; retiring the domain's forwarder", domain=domain)
                     self._retirements.pop(domain).set()
                     self.wake(domain)
+                    self._stop_feeding(domain)
                 for domain in [d for d in routes if d not in self._retirements]:
                     retire = self._retirements[domain] = trio.Event()
                     await nursery.start(self._serve_domain, domain, retire)
@@ -232,8 +234,15 @@ class Subscriber:
                 await trio_util.wait_any(
                     self._stopping.wait, partial(self._routes.wait_value, partial(operator.is_not, routes))
                 )
-            for state in self._domains.values():
+            for domain, state in self._domains.items():
                 state.woken.set()
+                self._stop_feeding(domain)
+
+    def _stop_feeding(self, domain: str) -> None:
+        """End the feed of ``domain``'s forwarder, if one runs: its route went, or the service stops."""
+        state = self._domains.get(domain)
+        if state is not None and state.feeding is not None:
+            state.feeding.cancel()
 
     async def _report_unconsumable(self) -> None:
         """Once per interval, while some routed domains cannot be consumed: one warning for them all."""
@@ -365,10 +374,13 @@ class Subscriber:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(forwarder.run)
-                with send:
-                    await trio_util.wait_any(
-                        self._stopping.wait, retire.wait, partial(self._feed, domain, state, send, room)
-                    )
+                # Not a wait_any on the stop and the retirement: a visit lingers for
+                # nats.consumer_idle_seconds, and its tasks are most of what an active
+                # domain holds (the garbage collector scans them all).
+                with send, trio.CancelScope() as state.feeding:
+                    if not (self._stopping.is_set() or retire.is_set()):
+                        await self._feed(domain, state, send, room)
+                state.feeding = None
         finally:
             if self._forwarders.get(domain) is forwarder:
                 del self._forwarders[domain]
@@ -388,6 +400,7 @@ class Subscriber:
             for delivery in arrivals:
                 if not intake.take(delivery):
                     state.woken.set()  # no room (a smaller max_in_flight_per_domain): the consumer fetches it
+            del arrivals, delivery  # not held while the intake lingers
             state.intake = intake
             idle_seconds = self._config.nats.consumer_idle_seconds
             try:
