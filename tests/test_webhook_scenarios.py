@@ -13,6 +13,7 @@ import trustme
 from structlog.testing import capture_logs
 from trio_util import AsyncValue
 
+from actors.subscriber import INGRESS_MAX_IN_FLIGHT
 from tests.conftest import StartRawBackend
 from tests.harness import WireRequests, answering_huge, call_event, make_config, running_service, wait_for_api
 
@@ -129,6 +130,49 @@ async def test_domains_routed_to_one_backend_share_its_connections(
                 await wait_for_api(service, "/api/stats", lambda r, n=n: r.json()["total_successful"] == n + 1)
     assert sorted(body["domain"] for body in received.bodies) == sorted(domains)
     assert connections == 1
+
+
+async def test_a_domain_hanging_on_a_shared_backend_holds_only_its_own_connections(
+    nats_server, start_raw_backend: StartRawBackend, http_transport: str
+):
+    # Two domains, one backend (one origin): it never answers the first domain's
+    # path. While those requests hang, each on a connection of its own, the other
+    # domain's events still go out at once, on connections of their own.
+    stuck = INGRESS_MAX_IN_FLIGHT  # all in flight at once, straight from the ingress
+    hanging = AsyncValue(0)
+    received = Received()
+    connections = 0
+
+    async def hang_on_stuck_path(stream: trio.abc.Stream) -> None:
+        nonlocal connections
+        connections += 1
+        requests = WireRequests(stream)
+        while (request := await requests.next()) is not None:
+            if request.startswith(b"POST /stuck "):
+                hanging.value += 1
+                await trio.sleep_forever()
+            received.add(request)
+            await stream.send_all(OK)
+
+    base = (await start_raw_backend(hang_on_stuck_path)).removesuffix("/webhook")
+    config = make_config(
+        nats_server.url,
+        {"stuck.example": [f"{base}/stuck"], "flowing.example": [f"{base}/ok"]},
+        # Its requests outlast the test: nothing frees their connections but the stop.
+        forwarding={"http_transport": http_transport, "timeout_seconds": 2 * SCENARIO_TIMEOUT},
+        nats={"ack_wait_seconds": 3 * SCENARIO_TIMEOUT},
+    )
+    with trio.fail_after(SCENARIO_TIMEOUT):
+        async with running_service(config) as service:
+            for n in range(stuck):
+                await service.post_event(call_event("stuck.example", f"stuck-{n}"))
+            await hanging.wait_value(stuck)
+            for n in range(5):
+                await service.post_event(call_event("flowing.example", f"flowing-{n}"))
+            await received.count.wait_value(5)
+            assert hanging.value == stuck  # still hanging, none answered
+    assert sorted(body["call_id"] for body in received.bodies) == [f"flowing-{n}" for n in range(5)]
+    assert connections >= stuck + 1
 
 
 async def test_a_trickling_backend_fails_the_attempt_at_the_deadline_before_ack_wait(
