@@ -70,10 +70,11 @@ class _Domain:
 class _Intake:
     """A domain's forwarder taking events straight from the ingress, with no consumer.
 
-    ``in_stream`` counts those not yet deleted from the stream; of the settled
-    ones, ``failed`` holds the sequences whose attempt failed (the consumer's
-    first delivery of each is JetStream's count of that attempt) and
-    ``forwarded`` those that reached every endpoint but could not be deleted.
+    ``in_stream`` counts those not yet deleted from the stream; ``unsettled``
+    holds the sequences whose attempt goes on; of the settled ones, ``failed``
+    holds those whose attempt failed (the consumer's first delivery of each is
+    JetStream's count of that attempt) and ``forwarded`` those that reached
+    every endpoint but could not be deleted.
     """
 
     state: _Domain  # the domain's, which counts what its intakes deleted
@@ -83,6 +84,7 @@ class _Intake:
     last_event_at: float = -math.inf
     in_flight: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
     in_stream: int = 0
+    unsettled: set[int] = field(default_factory=set)
     failed: set[int] = field(default_factory=set)
     forwarded: set[int] = field(default_factory=set)
 
@@ -97,6 +99,7 @@ class _Intake:
         assert isinstance(delivery.handle, FromIngress)
         delivery.handle.on_settled = partial(self._settled, delivery.stream_sequence)
         self.in_flight.value += 1
+        self.unsettled.add(delivery.stream_sequence)
         self.in_stream += 1
         self.last_event_at = trio.current_time()
         # The room admits no more than the inbox holds, so this never blocks.
@@ -105,6 +108,7 @@ class _Intake:
 
     def _settled(self, sequence: int, forwarded: bool, removed: bool) -> None:
         self.in_flight.value -= 1
+        self.unsettled.discard(sequence)
         if removed:
             self.in_stream -= 1
             self.state.removed += 1
@@ -151,9 +155,11 @@ class Subscriber:
     consumer is opened only when events wait in the stream for it: one came
     while the forwarder was behind, failed (the consumer's first
     delivery of it stands for that attempt, so ``max_deliveries`` counts it),
-    was stored elsewhere or before the start, or a wake came; first the
-    events taken from the ingress settle, so none goes out twice. The
-    consumer is fetched while fetches bring events. After
+    was stored elsewhere or before the start, or a wake came. It opens at
+    once, while events taken from the ingress are still being forwarded: its
+    first delivery of one of those stands for that attempt and is left
+    unacked, so none goes out twice at once. The consumer is fetched while
+    fetches bring events. After
     ``nats.consumer_idle_seconds`` with nothing to do, the consumer is
     deleted if drained (nothing waiting, nothing unacknowledged) and the
     domain is dormant again. A
@@ -415,8 +421,9 @@ class Subscriber:
                         return
             finally:
                 state.intake = None  # the ingress's events go to the consumer from now on
-            # Not before those it took have settled: the consumer would fetch them again.
-            await intake.all_settled()
+        # At once, not once the events the intake took have settled: a backend that
+        # hangs would hold the domain's next events back until those time out (and
+        # then send them all at once).
         await self._fetch_while_busy(domain, state, forwarder, room, intake)
 
     async def _fetch_while_busy(
@@ -442,6 +449,9 @@ class Subscriber:
         first fetch then waits for the redelivery.
         """
         max_in_flight = self._config.forwarding.max_in_flight_per_domain
+        # Taken from the ingress and still being forwarded as the consumer opens: it may
+        # deliver them too, even after their attempt deleted them from the stream.
+        going_from_ingress = set(intake.unsettled) if intake is not None else set()
 
         async def fetch_into_room(consumer: PullConsumer) -> bool:
             await room.acquire()
@@ -467,10 +477,14 @@ class Subscriber:
                     forwarded_from_ingress.discard(sequence)
                     room.release()
                     await self._acks.send(delivery)
-                elif delivery.delivery_attempt == 1 and sequence in tried_from_ingress:
-                    # JetStream's count of the attempt made from the ingress: left
-                    # unacked, it comes again after ack_wait as the second.
+                elif delivery.delivery_attempt == 1 and (
+                    sequence in tried_from_ingress or sequence in going_from_ingress
+                ):
+                    # JetStream's count of the attempt made from the ingress (failed, or
+                    # going on as the consumer opened): left unacked, it comes again after
+                    # ack_wait as the second, unless that attempt deleted it.
                     tried_from_ingress.discard(sequence)
+                    going_from_ingress.discard(sequence)
                     room.release()
                 else:
                     # The channel holds max_in_flight and the room semaphore
