@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ssl
 
 import httpx
@@ -74,6 +75,29 @@ async def test_framed_bodies_are_read_whole_and_the_connection_kept(start_raw_ba
             assert (response.status_code, response.content) == (200, b"hello world")
     assert seen.accepted == 1 and len(seen.requests) == 3
     assert client.statistics().idle_connections == 1
+
+
+async def test_answers_leave_nothing_for_the_garbage_collector(start_raw_backend: StartRawBackend):
+    # The service raises the collector's thresholds (cli.GC_THRESHOLDS): cycles left
+    # by every request would pile up between its collections, each then a long pause.
+    seen = Connections()
+    url = await start_raw_backend(answering(OK, seen))
+    client = transport()
+    with trio.fail_after(TEST_TIMEOUT):
+        await post(client, url)
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(3):
+                await post(client, url)
+            gc.collect()
+            ours = ("pipeline", "httptools")
+            left = [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith(ours)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert len(seen.requests) == 4
+    assert left == []
 
 
 async def test_a_close_delimited_body_is_read_to_the_end_and_its_connection_not_reused(
