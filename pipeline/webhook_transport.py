@@ -322,7 +322,7 @@ class WebhookTransport(httpx.AsyncBaseTransport):
         finally:
             # The parser holds the response's methods and the response the parser: left
             # to the garbage collector, such cycles (two an event) piled up between its
-            # young collections, each then a pause of 15-30 ms at 300 events/s.
+            # young collections, each then a pause of 15-50 ms at 300 events/s.
             del response.parser
         if keep_alive and not head_only and response.keep_alive:
             self._keep(origin, connection)
