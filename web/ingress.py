@@ -43,6 +43,19 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
+def encoded(answer: Answer) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """``answer`` as a response: its status, its headers (names lower case) and its JSON body."""
+    status, body, headers = answer
+    payload = json.dumps(body, allow_nan=False).encode()
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(payload)),
+        (b"cache-control", b"no-store"),
+        *((name.lower().encode(), value.encode()) for name, value in headers.items()),
+    ]
+    return status, raw_headers, payload
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> Answer:
     return status, {"status": "error", "error": message, **extra}, headers or {}
 
@@ -72,7 +85,7 @@ class EventIngress:
         self._routes = routes
         self._backlog = backlog
         self._publish_requests = publish_requests
-        self._max_body_size = max_body_size
+        self.max_body_size = max_body_size
         self._body_timeout = body_timeout
         self._answer_deadline = answer_deadline
         self._limiter = DomainRateLimiter(access.value.rate_per_second, access.value.burst)
@@ -83,19 +96,14 @@ class EventIngress:
             await self._app(scope, receive, send)
             return
         if scope["method"] != "POST":
-            status, body, headers = _error(405, "method not allowed: POST events here", {"Allow": "POST"})
+            answer = _error(405, "method not allowed: POST events here", {"Allow": "POST"})
         else:
+            headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
             try:
-                status, body, headers = await self._post_event(scope, receive)
+                answer = await self.post_event(headers, lambda: self._read_body(receive))
             except ClientGone:
                 return
-        payload = json.dumps(body, allow_nan=False).encode()
-        raw_headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-            (b"cache-control", b"no-store"),
-            *((name.lower().encode(), value.encode()) for name, value in headers.items()),
-        ]
+        status, raw_headers, payload = encoded(answer)
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": payload})
 
@@ -108,14 +116,19 @@ class EventIngress:
                 raise ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self._max_body_size:
+            if size > self.max_body_size:
                 return None
             chunks.append(chunk)
             if not message.get("more_body"):
                 return b"".join(chunks)
 
-    async def _post_event(self, scope: Scope, receive: Receive) -> Answer:
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+    async def post_event(self, headers: dict[str, str], read_body: Callable[[], Awaitable[bytes | None]]) -> Answer:
+        """The answer to POST /events with ``headers`` (names lower case).
+
+        ``read_body`` returns the body, or None when it is larger than allowed;
+        it raises ``ClientGone`` if the client disconnects first. It is called
+        only once the request's API key and Content-Type pass.
+        """
         rules = self._access.value
         key = rules.key_for(headers.get("authorization"))
         if key is None and not rules.open:
@@ -126,9 +139,9 @@ class EventIngress:
         if content_type not in ACCEPTED_CONTENT_TYPES and not content_type.endswith("+json"):
             return _error(415, f"unsupported Content-Type {content_type!r}: send application/json")
         with trio.move_on_after(self._body_timeout):
-            body = await self._read_body(receive)
+            body = await read_body()
             if body is None:
-                return _error(413, f"body larger than {self._max_body_size} bytes")
+                return _error(413, f"body larger than {self.max_body_size} bytes")
             try:
                 event = parse_event(body)
             except InvalidEvent as error:

@@ -1,0 +1,244 @@
+"""Scenarios: the ingress front on the wire. POST /events is answered by the front; every other
+request, and the rest of its connection, by hypercorn. Real nats-server, real backend, raw sockets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httptools
+import pytest
+import trio
+
+import web.app
+import web.server
+from tests.conftest import StartBackend
+from tests.harness import Backend, RunningService, call_event, make_config, running_service
+
+DOMAIN = "front.example.vn"
+
+
+class Answers:
+    """The responses read from one connection, in order, parsed by httptools."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._parser = httptools.HttpResponseParser(self)
+        self._complete: list[tuple[int, dict[str, str], bytes]] = []
+        self._headers: dict[str, str] = {}
+        self._body = b""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode().lower()] = value.decode()
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        self._complete.append((self._parser.get_status_code(), self._headers, self._body))
+        self._headers, self._body = {}, b""
+
+    async def next(self) -> tuple[int, dict[str, str], bytes]:
+        while not self._complete:
+            data = await self._stream.receive_some(65536)
+            assert data, "the connection closed before the answer"
+            self._parser.feed_data(data)
+        return self._complete.pop(0)
+
+    async def closed(self) -> bytes:
+        """What came before the server closed the connection."""
+        rest = b""
+        while data := await self._stream.receive_some(65536):
+            rest += data
+        return rest
+
+
+def post(event: dict, *, extra: bytes = b"") -> bytes:
+    body = json.dumps(event).encode()
+    return (
+        b"POST /events HTTP/1.1\r\nHost: front\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+    )
+
+
+@asynccontextmanager
+async def service_with_backend(
+    nats_server, start_backend: StartBackend
+) -> AsyncIterator[tuple[RunningService, Backend]]:
+    backend = await start_backend()
+    async with running_service(make_config(nats_server.url, {DOMAIN: [backend.url]})) as service:
+        yield service, backend
+
+
+@asynccontextmanager
+async def connection(service: RunningService) -> AsyncIterator[tuple[trio.SocketStream, Answers]]:
+    host, port = service.url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        yield stream, Answers(stream)
+
+
+async def test_one_connection_mixes_event_posts_with_other_requests(nats_server, start_backend: StartBackend):
+    async with (
+        service_with_backend(nats_server, start_backend) as (service, backend),
+        connection(service) as (
+            stream,
+            answers,
+        ),
+    ):
+        await stream.send_all(post(call_event(DOMAIN, "first")))
+        status, headers, body = await answers.next()
+        assert (status, json.loads(body)["status"]) == (202, "accepted")
+        assert headers["content-type"] == "application/json" and "date" in headers
+        # The connection goes to hypercorn here, the bytes already read with it.
+        await stream.send_all(b"GET /health HTTP/1.1\r\nHost: front\r\n\r\n")
+        status, _, body = await answers.next()
+        assert (status, json.loads(body)["status"]) == (200, "ok")
+        await stream.send_all(post(call_event(DOMAIN, "second")))
+        status, _, body = await answers.next()
+        assert (status, json.loads(body)["status"]) == (202, "accepted")
+        await backend.wait_count(2)
+        assert sorted(b["call_id"] for b in backend.bodies()) == ["first", "second"]
+
+
+async def test_pipelined_requests_are_answered_in_order(nats_server, start_backend: StartBackend):
+    async with (
+        service_with_backend(nats_server, start_backend) as (service, backend),
+        connection(service) as (
+            stream,
+            answers,
+        ),
+    ):
+        await stream.send_all(
+            post(call_event(DOMAIN, "one"))
+            + post(call_event(DOMAIN, "two"))
+            + b"GET /openapi.json HTTP/1.1\r\nHost: front\r\n\r\n"
+            + post(call_event(DOMAIN, "three"))
+        )
+        first, second, spec, third = [await answers.next() for _ in range(4)]
+        assert [first[0], second[0], spec[0], third[0]] == [202, 202, 200, 202]
+        sequences = [json.loads(answer[2])["sequence"] for answer in (first, second, third)]
+        assert sequences == sorted(sequences) and len(set(sequences)) == 3
+        assert "paths" in json.loads(spec[2])
+        await backend.wait_count(3)
+        assert sorted(b["call_id"] for b in backend.bodies()) == ["one", "three", "two"]
+
+
+async def test_a_chunked_post_is_accepted_and_forwarded(nats_server, start_backend: StartBackend):
+    body = json.dumps(call_event(DOMAIN, "chunked")).encode()
+    half = len(body) // 2
+    chunks = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (half, body[:half], len(body) - half, body[half:])
+    async with (
+        service_with_backend(nats_server, start_backend) as (service, backend),
+        connection(service) as (
+            stream,
+            answers,
+        ),
+    ):
+        await stream.send_all(
+            b"POST /events HTTP/1.1\r\nHost: front\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunks
+        )
+        status, _, answer = await answers.next()
+        assert (status, json.loads(answer)["status"]) == (202, "accepted")
+        await backend.wait_count(1)
+        assert backend.bodies()[0]["call_id"] == "chunked"
+
+
+async def test_a_refused_post_closes_its_connection_and_a_later_one_is_served(nats_server, start_backend: StartBackend):
+    async with service_with_backend(nats_server, start_backend) as (service, backend):
+        async with connection(service) as (stream, answers):
+            # Refused before its body is read (wrong Content-Type): the connection cannot go on.
+            await stream.send_all(post(call_event(DOMAIN, "refused")).replace(b"application/json", b"image/png"))
+            status, headers, body = await answers.next()
+            assert status == 415 and headers["connection"] == "close"
+            assert "unsupported Content-Type" in json.loads(body)["error"]
+            assert await answers.closed() == b""
+        async with connection(service) as (stream, answers):
+            await stream.send_all(post(call_event(DOMAIN, "after")))
+            assert (await answers.next())[0] == 202
+        await backend.wait_count(1)
+        assert [b["call_id"] for b in backend.bodies()] == ["after"]
+
+
+async def test_a_malformed_head_gets_400_and_nothing_is_stored(nats_server, start_backend: StartBackend):
+    async with service_with_backend(nats_server, start_backend) as (service, backend):
+        async with connection(service) as (stream, answers):
+            await stream.send_all(post(call_event(DOMAIN, "malformed"), extra=b"No colon here\r\n"))
+            status, _, _ = await answers.next()
+            assert status == 400
+        async with connection(service) as (stream, answers):
+            await stream.send_all(post(call_event(DOMAIN, "after")))
+            assert (await answers.next())[0] == 202
+        await backend.wait_count(1)
+        assert [b["call_id"] for b in backend.bodies()] == ["after"]
+
+
+async def test_a_connection_that_sends_no_complete_head_is_closed_after_the_idle_timeout(
+    nats_server, start_backend: StartBackend, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(web.server, "IDLE_CONNECTION_SECONDS", 0.5)
+    async with (
+        service_with_backend(nats_server, start_backend) as (service, _),
+        connection(service) as (
+            stream,
+            answers,
+        ),
+    ):
+        await stream.send_all(b"POST /events HTTP/1.1\r\nHost: front\r\n")
+        assert await answers.closed() == b""
+
+
+async def test_a_body_slower_than_the_body_timeout_gets_408(
+    nats_server, start_backend: StartBackend, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(web.app, "SLOW_CLIENT_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(web.server, "IDLE_CONNECTION_SECONDS", 30)
+    async with (
+        service_with_backend(nats_server, start_backend) as (service, backend),
+        connection(service) as (
+            stream,
+            answers,
+        ),
+    ):
+        await stream.send_all(post(call_event(DOMAIN, "slow"))[:-10])
+        status, headers, body = await answers.next()
+        assert status == 408 and headers["connection"] == "close"
+        assert json.loads(body)["error"] == "the body did not arrive within 0.5 s"
+        assert await answers.closed() == b""
+    assert backend.bodies() == []
+
+
+async def test_shutdown_answers_the_post_in_flight_and_closes_idle_connections(
+    nats_server, start_backend: StartBackend
+):
+    backend = await start_backend()
+    config = make_config(nats_server.url, {DOMAIN: [backend.url]})
+    async with running_service(config) as service:
+        async with connection(service) as (idle, idle_answers), connection(service) as (busy, busy_answers):
+            await idle.send_all(post(call_event(DOMAIN, "before")))
+            assert (await idle_answers.next())[0] == 202
+            # The body's last bytes arrive only after shutdown began.
+            request = post(call_event(DOMAIN, "during"))
+            await busy.send_all(request[:-5])
+            service.stopping.set()
+            assert await idle_answers.closed() == b""
+            await busy.send_all(request[-5:])
+            status, headers, body = await busy_answers.next()
+            assert status == 202 and headers["connection"] == "close"
+            assert json.loads(body)["status"] == "accepted"
+
+
+async def test_a_head_still_incomplete_after_16_kib_gets_431(nats_server, start_backend: StartBackend):
+    async with (
+        service_with_backend(nats_server, start_backend) as (service, backend),
+        connection(service) as (
+            stream,
+            answers,
+        ),
+    ):
+        await stream.send_all(b"POST /events HTTP/1.1\r\nHost: front\r\nX-Padding: " + b"a" * 20_000)
+        status, _, _ = await answers.next()
+        assert status == 431
+    assert backend.bodies() == []

@@ -1,0 +1,259 @@
+"""The HTTP server of a listener that takes POST /events: the hot path on trio streams, the rest by hypercorn.
+
+At 300 requests/s hypercorn costs ~1 CPU-ms a request on these machines
+against 0.28 for a bare trio server (bench/RESULTS.md): tasks and checkpoints
+per request (an app task, an idle timer restarted per request, a lock and a
+send per part of the answer). So the front reads every connection first. A
+request that is ``POST /events`` with a Content-Length body, what PBXs send,
+is answered here by ``EventIngress.post_event``, in one send. The first
+request of any other kind (another path or method, a chunked body,
+``Expect: 100-continue``, an upgrade, a head hypercorn would refuse) hands the
+connection, with every byte read from it, to hypercorn's own connection
+handler, which serves it from then on as if it had accepted it: the same app,
+configuration, limits and shutdown as ``hypercorn.trio.serve``, whose
+``worker_serve`` this follows (hypercorn is pinned to the versions tested).
+
+Slow clients: a connection whose next request head is not complete within
+``keep_alive_timeout`` is closed (hypercorn's rule), a body has
+``EventIngress``'s body timeout (408), a head is at most ``MAX_HEAD`` bytes
+(longer ones go to hypercorn, which refuses them).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from http import HTTPStatus
+from wsgiref.handlers import format_date_time
+
+import httptools
+import structlog
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import repr_socket_addr, wrap_app
+
+from web.ingress import Answer, ClientGone, EventIngress, encoded
+
+log = structlog.get_logger(component="http")
+
+# hypercorn's own limit on a request head (h11's max incomplete event size).
+MAX_HEAD = 16 * 1024
+RECEIVE_SIZE = 64 * 1024
+_HEAD_END = b"\r\n\r\n"
+_INTERNAL_ERROR: Answer = (500, {"status": "error", "error": "internal error"}, {})
+
+
+class _HandedOver(trio.abc.Stream):
+    """A connection given to hypercorn: first the bytes the front read, then the socket's."""
+
+    def __init__(self, stream: trio.SocketStream, unread: bytes) -> None:
+        self._stream = stream
+        self._unread = unread
+        self.socket = stream.socket  # hypercorn reads the client's address from it
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._unread:
+            await trio.lowlevel.checkpoint()
+            size = max_bytes or len(self._unread)
+            data, self._unread = self._unread[:size], self._unread[size:]
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _Head:
+    """httptools' callbacks for one request head: its target and headers (names lower case, the last of a repeat)."""
+
+    __slots__ = ("target", "headers", "repeated")
+
+    def __init__(self) -> None:
+        self.target = b""
+        self.headers: dict[str, str] = {}
+        self.repeated: set[str] = set()
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        if key in self.headers:
+            self.repeated.add(key)
+        self.headers[key] = value.decode("latin-1")
+
+
+def _event_post(head: bytes) -> tuple[dict[str, str], int, bool] | None:
+    """For a head the front answers itself: its headers, Content-Length and whether to keep the connection."""
+    request = _Head()
+    parser = httptools.HttpRequestParser(request)
+    try:
+        parser.feed_data(head)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return None
+    if parser.get_method() != b"POST" or request.target.partition(b"?")[0] != b"/events":
+        return None
+    headers = request.headers
+    if "transfer-encoding" in headers or "expect" in headers or "content-length" in request.repeated:
+        return None
+    if "host" not in headers and parser.get_http_version() != "1.0":
+        return None  # HTTP/1.1 requires it: hypercorn answers 400
+    length = headers.get("content-length", "")
+    if not (length.isascii() and length.isdigit()):
+        return None
+    return headers, int(length), parser.should_keep_alive()
+
+
+def _response(answer: Answer, keep_alive: bool) -> bytes:
+    status, headers, payload = encoded(answer)
+    if not keep_alive:
+        headers.append((b"connection", b"close"))
+    headers.append((b"date", format_date_time(time.time()).encode()))
+    lines = b"".join(b"%s: %s\r\n" % header for header in headers)
+    return b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (status, HTTPStatus(status).phrase.encode(), lines, payload)
+
+
+class IngressFront:
+    """Serves one listener's connections: POST /events itself, everything else through hypercorn."""
+
+    def __init__(self, ingress: EventIngress, hand_over: partial[TCPServer], keep_alive_timeout: float) -> None:
+        self._ingress = ingress
+        self._hand_over = hand_over
+        self._keep_alive_timeout = keep_alive_timeout
+        self._waiting: set[trio.CancelScope] = set()  # connections waiting for a request head
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Close the connections waiting for a request; the others after their answer."""
+        self._stopping = True
+        for waiting in self._waiting:
+            waiting.cancel()
+
+    async def serve_connection(self, stream: trio.SocketStream) -> None:
+        buffer = bytearray()
+        try:
+            while not self._stopping:
+                end = await self._receive_head(stream, buffer)
+                if end is None:
+                    return
+                post = _event_post(bytes(buffer[:end])) if end else None
+                if post is None:
+                    await self._hand_over(_HandedOver(stream, bytes(buffer)))
+                    return
+                del buffer[:end]
+                if not await self._answer(stream, buffer, *post):
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ClientGone):
+            pass
+        except Exception:
+            # One connection's failure must not end the server (and every other connection).
+            log.exception("Error serving a connection; it is closed")
+        finally:
+            await stream.aclose()
+
+    async def _receive_head(self, stream: trio.SocketStream, buffer: bytearray) -> int | None:
+        """Read until ``buffer`` holds a request head: the index past its blank line; 0 when no
+        complete head came within ``MAX_HEAD`` bytes; None to close (end of stream, idle, stopping)."""
+        searched = 0
+        with trio.move_on_after(self._keep_alive_timeout) as waiting:
+            self._waiting.add(waiting)
+            try:
+                while (found := buffer.find(_HEAD_END, searched)) < 0:
+                    if len(buffer) > MAX_HEAD:
+                        return 0
+                    searched = max(0, len(buffer) - len(_HEAD_END) + 1)
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        return None
+                    buffer += data
+                return found + len(_HEAD_END)
+            finally:
+                self._waiting.discard(waiting)
+        return None
+
+    async def _answer(
+        self, stream: trio.SocketStream, buffer: bytearray, headers: dict[str, str], length: int, keep_alive: bool
+    ) -> bool:
+        """Answer one POST /events whose body starts in ``buffer``; whether the connection stays open."""
+        body_read = False
+
+        async def read_body() -> bytes | None:
+            nonlocal body_read
+            if length > self._ingress.max_body_size:
+                return None
+            while len(buffer) < length:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    raise ClientGone
+                buffer.extend(data)
+            body = bytes(buffer[:length])
+            del buffer[:length]
+            body_read = True
+            return body
+
+        try:
+            answer = await self._ingress.post_event(headers, read_body)
+        except ClientGone:
+            raise
+        except Exception:
+            log.exception("Error answering POST /events")
+            answer, body_read = _INTERNAL_ERROR, False
+        # A body left unread (refused before it was read, or too slow) ends the connection.
+        keep_alive = keep_alive and body_read and not self._stopping
+        await stream.send_all(_response(answer, keep_alive))
+        return keep_alive
+
+
+async def serve_front(
+    ingress: EventIngress,
+    config: HypercornConfig,
+    stopping: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``hypercorn.trio.serve(ingress, config, shutdown_trigger=stopping.wait)``, with the front reading connections."""
+    app = wrap_app(ingress, config.wsgi_max_body_size, "asgi")
+    lifespan_state: dict = {}
+    lifespan = Lifespan(app, config, lifespan_state)
+    context = WorkerContext(None)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        front = IngressFront(
+            ingress,
+            partial(TCPServer, app, config, context, ConnectionState(lifespan_state.copy())),
+            config.keep_alive_timeout,
+        )
+        async with trio.open_nursery() as connections:
+            sockets = config.create_sockets().insecure_sockets
+            listeners = []
+            for sock in sockets:
+                sock.listen(config.backlog)
+                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            try:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        partial(trio.serve_listeners, front.serve_connection, listeners, handler_nursery=connections)
+                    )
+                    task_status.started([f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets])
+                    await stopping.wait()
+                    accepting.cancel_scope.cancel()
+            finally:
+                front.stop()
+                await context.terminated.set()
+                connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
