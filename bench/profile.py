@@ -8,10 +8,12 @@ Run from the project root (needs py-spy: `pip install py-spy`; wrk as for bench/
     python bench/profile.py --rate 300 --domains 20  # the isolation scenario's load
 
 Samples only while the service holds the GIL (py-spy --gil), so waiting is not
-counted. Prints the CPU per event (the service's and its nats-server's: py-spy
-samples the service only), the share of samples by part of the pipeline, then
-the functions most often on the stack; keeps py-spy's raw stacks in
-bench/results/profile-<date>.txt.
+counted; py-spy pauses the service for each sample (--nonblocking reads stacks
+torn mid-switch, most of them then counted as trio's scheduler), so latencies
+under the profile mean little. Prints the CPU per event (the service's and its
+nats-server's: py-spy samples the service only), the share of samples by part
+of the pipeline, then the functions most often on the stack; keeps py-spy's raw
+stacks in bench/results/profile-<date>.txt.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def main() -> None:
         service = start_service(work / "service", routes, processes)
         spy = subprocess.Popen(
             [py_spy, "record", "--pid", str(service.pid), "--duration", str(args.seconds), "--rate", "200"]
-            + ["--format", "raw", "--output", str(raw), "--nonblocking", "--gil"],
+            + ["--format", "raw", "--output", str(raw), "--gil"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
