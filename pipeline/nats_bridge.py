@@ -202,6 +202,7 @@ class PullConsumer:
         self._js = js
         self._subscription = subscription
         self.more_waiting = False  # the last fetch said more messages were waiting
+        self._held: list[Msg] = []  # delivered beyond what a fetch asked for: the next fetches' first
         # A pull subscription does not recover by itself after a server restart
         # (nats.py #504): after any reconnect the consumer is opened anew.
         self._connection = js.connection_number
@@ -218,12 +219,20 @@ class PullConsumer:
         # nats-py's fetch(n) waits for all n (or the expiry), so a batch is asked
         # for only when messages are known to be waiting; otherwise a fetch of
         # one returns as soon as the next event is stored.
-        batch, wait = (max_messages, BATCH_WINDOW_SECONDS) if self.more_waiting else (1, IDLE_FETCH_SECONDS)
-        try:
-            messages = await aio_as_trio(self._fetch)(batch, wait)
-        except _NATS_ERRORS as error:
-            raise NatsUnavailable(f"fetch failed: {error or type(error).__name__}") from error
-        self.more_waiting = bool(messages) and messages[-1].metadata.num_pending > 0
+        if self._held:
+            messages = self._held
+        else:
+            batch, wait = (max_messages, BATCH_WINDOW_SECONDS) if self.more_waiting else (1, IDLE_FETCH_SECONDS)
+            try:
+                messages = await aio_as_trio(self._fetch)(batch, wait)
+            except _NATS_ERRORS as error:
+                raise NatsUnavailable(f"fetch failed: {error or type(error).__name__}") from error
+        # nats-py's fetch returns every message waiting in the subscription, also those
+        # of an earlier pull that came after it gave up (a batch window is 5 ms): more
+        # than asked for, more than the forwarder has room for. They wait here, with
+        # their ack_wait running, for the next fetch.
+        messages, self._held = messages[:max_messages], messages[max_messages:]
+        self.more_waiting = bool(self._held) or (bool(messages) and messages[-1].metadata.num_pending > 0)
         return [
             Delivery(
                 data=message.data,
