@@ -37,6 +37,10 @@ RESTART_DELAY_SECONDS = 1.0
 LOCK_FILE = "instance.lock"
 PID_FILE = "nats-server.pid"
 CONFIG_FILE = "nats-server.conf"
+# One core for the Go runtime unless the environment says otherwise: on every
+# core it keeps idle threads spinning for work, and at this service's rates the
+# server then takes a quarter more CPU (bench/RESULTS.md) for nothing.
+SERVER_ENVIRONMENT_DEFAULTS = {"GOMAXPROCS": "1"}
 
 
 class EmbeddedNatsError(RuntimeError):
@@ -242,6 +246,7 @@ class _ServerProcess:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            env={**SERVER_ENVIRONMENT_DEFAULTS, **os.environ},
             # Own session: a Ctrl-C at the terminal must not stop the server
             # before the service has drained its connection.
             start_new_session=True,

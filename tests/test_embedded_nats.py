@@ -156,3 +156,21 @@ async def _wait_pid_file(path: Path) -> None:
     # Another process writes it: there is nothing to wait on but the file itself.
     while not await trio.Path(path).exists():  # noqa: ASYNC110
         await trio.sleep(0.05)
+
+
+def _environment(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(pair.decode().split("=", 1) for pair in pairs if b"=" in pair)
+
+
+@pytest.mark.parametrize(("ours", "expected"), [(None, "1"), ("2", "2")])
+async def test_the_server_runs_on_one_core_unless_the_environment_says_otherwise(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, ours: str | None, expected: str
+):
+    if ours is None:
+        monkeypatch.delenv("GOMAXPROCS", raising=False)
+    else:
+        monkeypatch.setenv("GOMAXPROCS", ours)
+    await nursery.start(EmbeddedNats(tmp_path).run)
+    pid = int((tmp_path / "nats-server.pid").read_text())
+    assert _environment(pid)["GOMAXPROCS"] == expected
