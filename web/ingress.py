@@ -125,9 +125,10 @@ class EventIngress:
     async def post_event(self, headers: dict[str, str], read_body: Callable[[], Awaitable[bytes | None]]) -> Answer:
         """The answer to POST /events with ``headers`` (names lower case).
 
-        ``read_body`` returns the body, or None when it is larger than allowed;
-        it raises ``ClientGone`` if the client disconnects first. It is called
-        only once the request's API key and Content-Type pass.
+        ``read_body`` returns the body, or None when it is larger than allowed,
+        and raises ``ClientGone`` if the client disconnects first; it is called
+        only once the request's API key and Content-Type pass, so a refused
+        request's body may be left unread.
         """
         rules = self._access.value
         key = rules.key_for(headers.get("authorization"))
