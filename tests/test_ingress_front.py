@@ -79,14 +79,25 @@ async def connection(service: RunningService) -> AsyncIterator[tuple[trio.Socket
         yield stream, Answers(stream)
 
 
+@asynccontextmanager
+async def connected(
+    nats_server, start_backend: StartBackend
+) -> AsyncIterator[tuple[Backend, trio.SocketStream, Answers]]:
+    """The service with its backend, and one connection to it."""
+    async with service_with_backend(nats_server, start_backend) as (service, backend), connection(service) as opened:
+        yield backend, *opened
+
+
+async def assert_a_later_post_is_the_only_event_forwarded(service: RunningService, backend: Backend) -> None:
+    async with connection(service) as (stream, answers):
+        await stream.send_all(post(call_event(DOMAIN, "after")))
+        assert (await answers.next())[0] == 202
+    await backend.wait_count(1)
+    assert [b["call_id"] for b in backend.bodies()] == ["after"]
+
+
 async def test_one_connection_mixes_event_posts_with_other_requests(nats_server, start_backend: StartBackend):
-    async with (
-        service_with_backend(nats_server, start_backend) as (service, backend),
-        connection(service) as (
-            stream,
-            answers,
-        ),
-    ):
+    async with connected(nats_server, start_backend) as (backend, stream, answers):
         await stream.send_all(post(call_event(DOMAIN, "first")))
         status, headers, body = await answers.next()
         assert (status, json.loads(body)["status"]) == (202, "accepted")
@@ -103,13 +114,7 @@ async def test_one_connection_mixes_event_posts_with_other_requests(nats_server,
 
 
 async def test_pipelined_requests_are_answered_in_order(nats_server, start_backend: StartBackend):
-    async with (
-        service_with_backend(nats_server, start_backend) as (service, backend),
-        connection(service) as (
-            stream,
-            answers,
-        ),
-    ):
+    async with connected(nats_server, start_backend) as (backend, stream, answers):
         await stream.send_all(
             post(call_event(DOMAIN, "one"))
             + post(call_event(DOMAIN, "two"))
@@ -129,13 +134,7 @@ async def test_a_chunked_post_is_accepted_and_forwarded(nats_server, start_backe
     body = json.dumps(call_event(DOMAIN, "chunked")).encode()
     half = len(body) // 2
     chunks = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (half, body[:half], len(body) - half, body[half:])
-    async with (
-        service_with_backend(nats_server, start_backend) as (service, backend),
-        connection(service) as (
-            stream,
-            answers,
-        ),
-    ):
+    async with connected(nats_server, start_backend) as (backend, stream, answers):
         await stream.send_all(
             b"POST /events HTTP/1.1\r\nHost: front\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n" + chunks
@@ -155,11 +154,7 @@ async def test_a_refused_post_closes_its_connection_and_a_later_one_is_served(na
             assert status == 415 and headers["connection"] == "close"
             assert "unsupported Content-Type" in json.loads(body)["error"]
             assert await answers.closed() == b""
-        async with connection(service) as (stream, answers):
-            await stream.send_all(post(call_event(DOMAIN, "after")))
-            assert (await answers.next())[0] == 202
-        await backend.wait_count(1)
-        assert [b["call_id"] for b in backend.bodies()] == ["after"]
+        await assert_a_later_post_is_the_only_event_forwarded(service, backend)
 
 
 async def test_a_malformed_head_gets_400_and_nothing_is_stored(nats_server, start_backend: StartBackend):
@@ -168,24 +163,14 @@ async def test_a_malformed_head_gets_400_and_nothing_is_stored(nats_server, star
             await stream.send_all(post(call_event(DOMAIN, "malformed"), extra=b"No colon here\r\n"))
             status, _, _ = await answers.next()
             assert status == 400
-        async with connection(service) as (stream, answers):
-            await stream.send_all(post(call_event(DOMAIN, "after")))
-            assert (await answers.next())[0] == 202
-        await backend.wait_count(1)
-        assert [b["call_id"] for b in backend.bodies()] == ["after"]
+        await assert_a_later_post_is_the_only_event_forwarded(service, backend)
 
 
 async def test_a_connection_that_sends_no_complete_head_is_closed_after_the_idle_timeout(
     nats_server, start_backend: StartBackend, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setattr(web.server, "IDLE_CONNECTION_SECONDS", 0.5)
-    async with (
-        service_with_backend(nats_server, start_backend) as (service, _),
-        connection(service) as (
-            stream,
-            answers,
-        ),
-    ):
+    async with connected(nats_server, start_backend) as (_, stream, answers):
         await stream.send_all(b"POST /events HTTP/1.1\r\nHost: front\r\n")
         assert await answers.closed() == b""
 
@@ -195,13 +180,7 @@ async def test_a_body_slower_than_the_body_timeout_gets_408(
 ):
     monkeypatch.setattr(web.app, "SLOW_CLIENT_TIMEOUT_SECONDS", 0.5)
     monkeypatch.setattr(web.server, "IDLE_CONNECTION_SECONDS", 30)
-    async with (
-        service_with_backend(nats_server, start_backend) as (service, backend),
-        connection(service) as (
-            stream,
-            answers,
-        ),
-    ):
+    async with connected(nats_server, start_backend) as (backend, stream, answers):
         await stream.send_all(post(call_event(DOMAIN, "slow"))[:-10])
         status, headers, body = await answers.next()
         assert status == 408 and headers["connection"] == "close"
@@ -231,13 +210,7 @@ async def test_shutdown_answers_the_post_in_flight_and_closes_idle_connections(
 
 
 async def test_a_head_still_incomplete_after_16_kib_gets_431(nats_server, start_backend: StartBackend):
-    async with (
-        service_with_backend(nats_server, start_backend) as (service, backend),
-        connection(service) as (
-            stream,
-            answers,
-        ),
-    ):
+    async with connected(nats_server, start_backend) as (backend, stream, answers):
         await stream.send_all(b"POST /events HTTP/1.1\r\nHost: front\r\nX-Padding: " + b"a" * 20_000)
         status, _, _ = await answers.next()
         assert status == 431
