@@ -15,8 +15,8 @@ configuration, limits and shutdown as ``hypercorn.trio.serve``, whose
 
 Slow clients: a connection whose next request head is not complete within
 ``keep_alive_timeout`` is closed (hypercorn's rule), a body has
-``EventIngress``'s body timeout (408), a head is at most ``MAX_HEAD`` bytes
-(longer ones go to hypercorn, which refuses them).
+``EventIngress``'s body timeout (408), and a head still incomplete after
+``MAX_HEAD`` bytes goes to hypercorn, which refuses it (431), as h11 does.
 """
 
 from __future__ import annotations
