@@ -39,7 +39,7 @@ PID_FILE = "nats-server.pid"
 CONFIG_FILE = "nats-server.conf"
 # One core for the Go runtime unless the environment says otherwise: on every
 # core it keeps idle threads spinning for work, and at this service's rates the
-# server then takes a quarter more CPU (bench/RESULTS.md) for nothing.
+# server then takes a sixth to a quarter more CPU (bench/RESULTS.md) for nothing.
 SERVER_ENVIRONMENT_DEFAULTS = {"GOMAXPROCS": "1"}
 
 
