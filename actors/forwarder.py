@@ -18,6 +18,7 @@ from pipeline.config import ForwardingConfig
 from pipeline.events import describe, event_key, parse_strict_json
 from pipeline.nats_bridge import Delivery
 from pipeline.routes import Endpoint, Routes
+from pipeline.sends import send_now
 from pipeline.signing import signature_headers
 from pipeline.webhook_transport import BODY_CAP, KEEPALIVE_EXPIRY_SECONDS, WebhookTransport
 
@@ -169,7 +170,7 @@ class Forwarder:
                 error=str(error),
                 stream_sequence=delivery.stream_sequence,
             )
-            await self._acks.send(delivery)
+            await send_now(self._acks, delivery)
             return True
         fields = describe(event) | {"domain": self.domain, "delivery_attempt": delivery.delivery_attempt}
         event_log = log.bind(**fields)
@@ -211,9 +212,9 @@ class Forwarder:
             errors=errors or None,
             stream_sequence=delivery.stream_sequence,
         )
-        await self._outcomes.send(outcome)
+        await send_now(self._outcomes, outcome)
         if not errors:
-            await self._acks.send(delivery)
+            await send_now(self._acks, delivery)
             # payload: the full event, for the domain's log file only (never stdout).
             event_log.info("Event forwarded successfully", endpoints=len(endpoints), payload=event)
             return True

@@ -24,6 +24,8 @@ from urllib.parse import ParseResult, unquote
 
 import trio
 
+from pipeline.sends import write_now
+
 DEFAULT_PORT = 4222
 RECEIVE_SIZE = 64 * 1024
 # A line the server sends (INFO, a message's control line) is never near this long.
@@ -137,15 +139,23 @@ class NatsLink:
     async def _send(self, data: bytes) -> None:
         if self.closed:
             return
-        # A send cut short would leave half a command on the wire: it finishes,
-        # or the link is closed.
-        deadline = trio.current_effective_deadline()
         try:
-            async with self._send_lock:
-                with trio.CancelScope(shield=True, deadline=deadline) as sending:
-                    await self._stream.send_all(data)
-                if sending.cancelled_caught:
-                    self.close()
+            try:
+                self._send_lock.acquire_nowait()  # not a turn at the scheduler when nobody else sends
+            except trio.WouldBlock:
+                await self._send_lock.acquire()
+            try:
+                sent = write_now(self._stream, data)
+                if sent < len(data):
+                    # A send cut short would leave half a command on the wire: it
+                    # finishes (by the caller's deadline), or the link is closed.
+                    deadline = trio.current_effective_deadline()
+                    with trio.CancelScope(shield=True, deadline=deadline) as sending:
+                        await self._stream.send_all(memoryview(data)[sent:])
+                    if sending.cancelled_caught:
+                        self.close()
+            finally:
+                self._send_lock.release()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.close()
 

@@ -26,6 +26,8 @@ import httptools
 import httpx
 import trio
 
+from pipeline.sends import send_all_now
+
 # A webhook answer is a status; its body is read this far, then the connection is dropped.
 BODY_CAP = 64 * 1024
 # A response head (status line and headers) larger than this is refused.
@@ -279,7 +281,7 @@ class WebhookTransport(httpx.AsyncBaseTransport):
         received = 0
         try:
             try:
-                await connection.stream.send_all(data)
+                await send_all_now(connection.stream, data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
                 if connection.reused:
                     raise _StaleConnection from error

@@ -36,6 +36,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
+from pipeline.sends import send_all_now
 from web.ingress import Answer, ClientGone, EventIngress, encoded
 
 log = structlog.get_logger(component="http")
@@ -213,7 +214,7 @@ class IngressFront:
             answer, body_read = _INTERNAL_ERROR, False
         # A body left unread (refused before it was read, or too slow) ends the connection.
         keep_alive = keep_alive and body_read and not self._stopping
-        await stream.send_all(_response(answer, keep_alive))
+        await send_all_now(stream, _response(answer, keep_alive))
         return keep_alive
 
 

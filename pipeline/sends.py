@@ -1,0 +1,45 @@
+"""Sends that go at once when they can, without trio's turn at the scheduler.
+
+trio ends every socket send and every memory-channel send with a checkpoint,
+also when the kernel's buffer or the channel's takes it whole: the task is
+rescheduled and takes one more step of the run loop before it goes on. On the
+hot path of an event that was a step per send, six of them an event
+(bench/RESULTS.md, issue 16). These helpers try the send first; only when it
+would block do they wait as trio does. The caller's next wait is its
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+
+def write_now(stream: trio.abc.Stream, data: bytes) -> int:
+    """How much of ``data`` the socket under ``stream`` took at once (0 for a TLS stream, a full
+    buffer or a broken connection: ``send_all`` of the rest then waits, or says what is wrong)."""
+    if not isinstance(stream, trio.SocketStream):
+        return 0
+    try:
+        return os.write(stream.socket.fileno(), data)
+    except OSError:
+        return 0
+
+
+async def send_all_now(stream: trio.abc.Stream, data: bytes) -> None:
+    """``stream.send_all(data)``, written at once when the socket takes it all."""
+    sent = write_now(stream, data)
+    if sent < len(data):
+        await stream.send_all(memoryview(data)[sent:])
+
+
+async def send_now(channel: trio.MemorySendChannel[T], item: T) -> None:
+    """``channel.send(item)``, without yielding when the channel has room."""
+    try:
+        channel.send_nowait(item)
+    except trio.WouldBlock:
+        await channel.send(item)
