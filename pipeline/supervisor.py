@@ -134,6 +134,7 @@ async def _run_pipeline(
                     config,
                     jetstream=jetstream,
                     publish_requests=publish_send,
+                    publish_now=ingress.publish_now,
                     stats=stats,
                     subscriber=subscriber,
                     backlog=backlog,

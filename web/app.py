@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import trio
@@ -70,6 +71,7 @@ def create_app(
     *,
     jetstream: JetStream,
     publish_requests: trio.MemorySendChannel[PublishRequest],
+    publish_now: Callable[[PublishRequest], Awaitable[bool]],
     stats: StatsCollector,
     subscriber: Subscriber,
     backlog: BacklogMonitor,
@@ -138,6 +140,7 @@ def create_app(
             routes=routes,
             backlog=backlog,
             publish_requests=publish_requests,
+            publish_now=publish_now,
             max_body_size=int(config.server.max_body_size),
             body_timeout=SLOW_CLIENT_TIMEOUT_SECONDS,
             answer_deadline=answer_deadline,

@@ -76,6 +76,7 @@ class EventIngress:
         routes: AsyncValue[Routes],
         backlog: BacklogMonitor,
         publish_requests: trio.MemorySendChannel[PublishRequest],
+        publish_now: Callable[[PublishRequest], Awaitable[bool]],
         max_body_size: int,
         body_timeout: float,
         answer_deadline: float,
@@ -85,6 +86,7 @@ class EventIngress:
         self._routes = routes
         self._backlog = backlog
         self._publish_requests = publish_requests
+        self._publish_now = publish_now
         self.max_body_size = max_body_size
         self._body_timeout = body_timeout
         self._answer_deadline = answer_deadline
@@ -197,14 +199,15 @@ class EventIngress:
         return self._answer(event, outcome)
 
     async def _store(self, event: AcceptedEvent) -> PublishReceipt | Exception | None:
-        """Have the ingress actor publish ``event``: its receipt, the error, or None if it took too long."""
+        """Have ``event`` published (here, or by the ingress actor): its receipt, the error, or None if too slow."""
         publish = PublishRequest(event)
         # A client that hangs up cancels this handler; the publish it started
         # must still finish (or time out) on its own, never half-done.
-        with trio.CancelScope(shield=True), trio.move_on_after(self._answer_deadline):
-            await self._publish_requests.send(publish)
-            await publish.done.wait()
-        return publish.outcome
+        with trio.CancelScope(shield=True), trio.move_on_after(self._answer_deadline) as waiting:
+            if not await self._publish_now(publish):
+                await self._publish_requests.send(publish)
+                await publish.done.wait()
+        return None if waiting.cancelled_caught else publish.outcome
 
     @staticmethod
     def _answer(event: AcceptedEvent, outcome: PublishReceipt | Exception | None) -> Answer:
