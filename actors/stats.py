@@ -12,7 +12,13 @@ from typing import Any, Literal
 import trio
 from trio_util import AsyncValue
 
+from pipeline.batching import batches
 from pipeline.events import outcome_record
+
+# Outcomes are recorded in batches: one wake of this actor for all that came
+# within the linger, not one per event; what the API shows lags by no more.
+MAX_BATCH = 1024
+LINGER_SECONDS = 0.02
 
 EventType = Literal["successful", "failed", "all"]
 
@@ -121,8 +127,9 @@ class StatsCollector:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         with self._outcomes:
-            async for outcome in self._outcomes:
-                self.record(outcome)
+            async for batch in batches(self._outcomes, MAX_BATCH, linger_seconds=LINGER_SECONDS):
+                for outcome in batch:
+                    self.record(outcome)
 
     def record(self, outcome: ForwardOutcome) -> None:
         store = self._domains.get(outcome.domain)
