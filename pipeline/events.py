@@ -8,6 +8,7 @@ escape, so dots, wildcards or spaces can never change a subject's shape.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -49,7 +50,15 @@ def parse_strict_json(data: bytes | str) -> Any:
 
     What it returns always serialises again with ``json.dumps(..., allow_nan=False)``.
     """
-    return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+    if isinstance(data, (bytes, bytearray)):
+        data = data.decode(json.detect_encoding(data), "surrogatepass")
+    elif data.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", data, 0)
+    return _STRICT_JSON.decode(data)
+
+
+# What json.loads does with these hooks, without building a decoder per call.
+_STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def normalize_domain(domain: object) -> str:
@@ -121,6 +130,7 @@ def event_key(domain: str, event_id: str) -> str:
     return f"{domain}:{event_id}"
 
 
+@functools.lru_cache(maxsize=4096)  # the routed domains, and a few others; each event needs its domain's
 def domain_token(domain: str) -> str:
     """Encode ``domain`` as one subject token: ``a.b-c`` → ``a~2eb-c``."""
     return "".join(c if c in _TOKEN_SAFE else f"~{ord(c):02x}" for c in domain)
