@@ -141,30 +141,31 @@ class EventIngress:
         content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if content_type not in ACCEPTED_CONTENT_TYPES and not content_type.endswith("+json"):
             return _error(415, f"unsupported Content-Type {content_type!r}: send application/json")
-        with trio.move_on_after(self._body_timeout):
+        with trio.move_on_after(self._body_timeout) as reading:
             body = await read_body()
-            if body is None:
-                return _error(413, f"body larger than {self.max_body_size} bytes")
-            try:
-                event = parse_event(body)
-            except InvalidEvent as error:
-                return _error(400, str(error))
-            if key is not None and not key.allows(event.domain):
-                return _error(403, f"API key {key.name!r} may not post events for domain {event.domain!r}")
-            routed = event.domain in self._routes.value
-            wait = self._rate_limit_wait(rules, event.domain, routed)
-            if wait:
-                return _error(
-                    429,
-                    f"too many events for domain {event.domain!r}; retry later"
-                    if routed
-                    else "too many events for domains without a route (they share one limit); retry later",
-                    {"Retry-After": str(math.ceil(wait))},
-                )
-            if routed:
-                return self._answer(event, await self._store(event))
-            return await self._store_unrouted(event)
-        return _error(408, f"the body did not arrive within {self._body_timeout:g} s")
+        if reading.cancelled_caught:
+            return _error(408, f"the body did not arrive within {self._body_timeout:g} s")
+        if body is None:
+            return _error(413, f"body larger than {self.max_body_size} bytes")
+        try:
+            event = parse_event(body)
+        except InvalidEvent as error:
+            return _error(400, str(error))
+        if key is not None and not key.allows(event.domain):
+            return _error(403, f"API key {key.name!r} may not post events for domain {event.domain!r}")
+        routed = event.domain in self._routes.value
+        wait = self._rate_limit_wait(rules, event.domain, routed)
+        if wait:
+            return _error(
+                429,
+                f"too many events for domain {event.domain!r}; retry later"
+                if routed
+                else "too many events for domains without a route (they share one limit); retry later",
+                {"Retry-After": str(math.ceil(wait))},
+            )
+        if routed:
+            return self._answer(event, await self._store(event))
+        return await self._store_unrouted(event)
 
     def _rate_limit_wait(self, rules: IngressAccess, domain: str, routed: bool) -> float:
         """0 when the event may pass its rate limit, else the seconds until it would."""
@@ -203,7 +204,7 @@ class EventIngress:
         publish = PublishRequest(event)
         # A client that hangs up cancels this handler; the publish it started
         # must still finish (or time out) on its own, never half-done.
-        with trio.CancelScope(shield=True), trio.move_on_after(self._answer_deadline) as waiting:
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + self._answer_deadline) as waiting:
             if not await self._publish_now(publish):
                 await self._publish_requests.send(publish)
                 await publish.done.wait()
