@@ -64,6 +64,8 @@ CONSUMER_REQUESTS_AT_ONCE = 16
 ADVISORY_ACK_WAIT_SECONDS = 30.0
 # Unrouted domains whose oldest waiting event is looked up (one request each), largest backlog first.
 MAX_UNROUTED_LOOKUPS = 50
+# JetStream's answer to deleting a message, read without parsing when it is this one.
+_DELETED = b'{"type":"io.nats.jetstream.api.v1.stream_msg_delete_response","success":true}'
 # JetStream's answers to deleting a message that is not (or no longer) in the stream.
 _ERR_SEQUENCE_NOT_FOUND = 10043
 _NO_MESSAGE_FOUND = "no message found"
@@ -788,6 +790,8 @@ class JetStream:
         if answer is None:
             log.warning("No answer to deleting a forwarded event", stream_sequence=delivery.stream_sequence)
             return False
+        if answer.data == _DELETED:
+            return True
         try:
             error = json.loads(answer.data).get("error")
         except ValueError:
