@@ -21,6 +21,7 @@ Slow clients: a connection whose next request head is not complete within
 
 from __future__ import annotations
 
+import functools
 import time
 from functools import partial
 from http import HTTPStatus
@@ -118,11 +119,16 @@ def _event_post(head: bytes) -> tuple[dict[str, str], int, bool] | None:
     return headers, int(length), parser.should_keep_alive()
 
 
+@functools.lru_cache(maxsize=1)  # the same for every answer within a second
+def _http_date(second: int) -> bytes:
+    return format_date_time(second).encode()
+
+
 def _response(answer: Answer, keep_alive: bool) -> bytes:
     status, headers, payload = encoded(answer)
     if not keep_alive:
         headers.append((b"connection", b"close"))
-    headers.append((b"date", format_date_time(time.time()).encode()))
+    headers.append((b"date", _http_date(int(time.time()))))
     lines = b"".join(b"%s: %s\r\n" % header for header in headers)
     return b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (status, HTTPStatus(status).phrase.encode(), lines, payload)
 
