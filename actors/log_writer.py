@@ -43,6 +43,10 @@ LINGER_SECONDS = 0.05
 REPORT_INTERVAL_SECONDS = 60.0
 
 
+# json.dumps(record, ensure_ascii=False, default=str), without building an encoder per line.
+_LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+
+
 @dataclass(frozen=True, slots=True)
 class DomainLogLine:
     domain: str
@@ -71,7 +75,7 @@ class DomainLogRouter:
     def __call__(self, logger: Any, method_name: str, record: dict[str, Any]) -> dict[str, Any]:
         domain = record.get("domain")
         if self._lines is not None and isinstance(domain, str) and record.get("event_id"):
-            line = json.dumps(record, ensure_ascii=False, default=str).encode() + b"\n"
+            line = _LINE_ENCODER.encode(record).encode() + b"\n"
             try:
                 self._lines.send_nowait(DomainLogLine(domain, str(record.get("timestamp", ""))[:10], line))
             except trio.WouldBlock:

@@ -14,6 +14,7 @@ is ``actors.log_writer``; this module is what both sides agree on.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -39,6 +40,7 @@ SUCCEEDED = "Event forwarded successfully"
 FAILED = "Failed to forward event"
 
 
+@functools.lru_cache(maxsize=4096)  # the log writer asks for every line's
 def sanitize_domain(domain: str) -> str:
     """The directory name of ``domain``: ``example.com`` → ``example_com``.
 
