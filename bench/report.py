@@ -196,6 +196,11 @@ def _judge(
     return Verdict(target, figures, True, f"met in all {len(runs)} runs")
 
 
+def _cores(run: dict, process: str) -> str:
+    """A fixed-rate run's CPU of ``process`` (service, nats or total) as a share of one core."""
+    return f"{run[f'cpu_s_per_1000_events_{process}'] * run['rate'] / 1000:.2f}"
+
+
 def _hang_ratio(domains: int, runs: list[dict]) -> Verdict:
     """Issue 16's isolation target, on medians: the p99 with a hanging domain ≤ 1.2 × the p99 without."""
     target = f"{domains} domains: median e2e p99 with a hanging domain ≤ 1.2 × the median without (issue 16)"
@@ -262,13 +267,16 @@ def verdicts(results: Results) -> list[Verdict]:
             )
             found.append(_hang_ratio(domains, runs))
     if runs := results.get("isolation_without_hang"):
+        # Issue 16's table measured the service's own process (its nats-server apart): so is this
+        # judged; the figure adds the server's share, and both together.
         found.append(
             _judge(
-                f"20 domains at {runs[0]['rate']:g}/s: CPU of the service and its nats-server ≤ half a core (issue 16)",
+                f"20 domains at {runs[0]['rate']:g}/s: CPU of the service ≤ half a core (issue 16; "
+                "in brackets its nats-server's and both)",
                 runs,
-                "cpu_s_per_1000_events_total",
-                lambda r: f"{r['cpu_s_per_1000_events_total'] * r['rate'] / 1000:.2f} of a core",
-                lambda r: r["cpu_s_per_1000_events_total"] * r["rate"] / 1000 <= 0.5,
+                "cpu_s_per_1000_events_service",
+                lambda r: f"{_cores(r, 'service')} of a core ({_cores(r, 'nats')}; both {_cores(r, 'total')})",
+                lambda r: r["cpu_s_per_1000_events_service"] * r["rate"] / 1000 <= 0.5,
             )
         )
     if runs := results.get("memory"):
