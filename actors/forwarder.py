@@ -156,30 +156,39 @@ class Forwarder:
 
     async def _forward_to_all(self, delivery: Delivery) -> bool:
         """Forward ``delivery`` to every endpoint; whether it went to the acknowledger."""
-        try:
-            # Strict: a NaN stored by an older version could not be forwarded as JSON.
-            event = parse_strict_json(delivery.data)
-            if not isinstance(event, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as error:
-            # Not ours (published to the subject by something else): it can
-            # never be forwarded, so ack it away instead of retrying it.
-            log.error(
-                "Dropping unreadable message",
-                domain=self.domain,
-                error=str(error),
-                stream_sequence=delivery.stream_sequence,
-            )
-            await send_now(self._acks, delivery)
-            return True
-        fields = describe(event) | {"domain": self.domain, "delivery_attempt": delivery.delivery_attempt}
+        accepted = delivery.accepted
+        if accepted is not None:  # parsed by the ingress a moment ago
+            event, described = accepted.event, accepted.fields
+        else:
+            try:
+                # Strict: a NaN stored by an older version could not be forwarded as JSON.
+                event = parse_strict_json(delivery.data)
+                if not isinstance(event, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as error:
+                # Not ours (published to the subject by something else): it can
+                # never be forwarded, so ack it away instead of retrying it.
+                log.error(
+                    "Dropping unreadable message",
+                    domain=self.domain,
+                    error=str(error),
+                    stream_sequence=delivery.stream_sequence,
+                )
+                await send_now(self._acks, delivery)
+                return True
+            described = describe(event) | {"domain": self.domain}
+        fields = described | {"delivery_attempt": delivery.delivery_attempt}
         event_log = log.bind(**fields)
         endpoints = self._routes.value.get(self.domain)
         if not endpoints:
             event_log.warning("Route removed; leaving event for redelivery")
             return False
-        event["delivery_attempt"] = delivery.delivery_attempt
-        body = json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        if accepted is not None and "delivery_attempt" not in event:
+            # The ingress's compact JSON with the new key last: what json.dumps would give, unparsed.
+            body = b'%b,"delivery_attempt":%d}' % (accepted.payload[:-1], delivery.delivery_attempt)
+        else:
+            forwarded = event | {"delivery_attempt": delivery.delivery_attempt}
+            body = json.dumps(forwarded, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         # Unique across tenants, who may choose the same event_id: what backends deduplicate on.
         key = event_key(self.domain, str(event.get("event_id", "")))
         headers = [(b"Idempotency-Key", key.encode()), (b"Content-Length", b"%d" % len(body))]
@@ -215,15 +224,15 @@ class Forwarder:
         await send_now(self._outcomes, outcome)
         if not errors:
             await send_now(self._acks, delivery)
-            # payload: the full event, for the domain's log file only (never stdout).
-            event_log.info("Event forwarded successfully", endpoints=len(endpoints), payload=event)
+            # payload: the full event as forwarded, for the domain's log file only (never stdout).
+            event_log.info("Event forwarded successfully", endpoints=len(endpoints), payload=body)
             return True
         event_log.warning(
             "Failed to forward event",
             errors=errors,
             max_deliveries=self._max_deliveries,
             will_retry=outcome.will_retry,
-            payload=event,
+            payload=body,
         )
         return False
 

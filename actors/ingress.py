@@ -56,7 +56,7 @@ class Ingress:
         requests: trio.MemoryReceiveChannel[PublishRequest],
         routes: AsyncValue[Routes],
         storing: Callable[[str], None],
-        stored: Callable[[str, PublishReceipt | Exception, bytes], None],
+        stored: Callable[[str, PublishReceipt | Exception, AcceptedEvent], None],
     ) -> None:
         self._jetstream = jetstream
         self._requests = requests
@@ -106,7 +106,7 @@ class Ingress:
             for request, outcome in zip(batch, outcomes, strict=True):
                 request.outcome = outcome
                 request.done.set()
-                self._stored(request.event.domain, outcome, request.event.payload)
+                self._stored(request.event.domain, outcome, request.event)
                 self._log(request.event, outcome)
 
     def _log(self, event: AcceptedEvent, outcome: PublishReceipt | Exception) -> None:
@@ -118,7 +118,7 @@ class Ingress:
             **event.fields,
             sequence=outcome.sequence,
             duplicate=outcome.duplicate,
-            payload=event.event,
+            payload=event.payload,
         )
         if event.domain not in self._routes.value and event.domain not in self._warned_unrouted:
             if len(self._warned_unrouted) >= MAX_WARNED_DOMAINS:

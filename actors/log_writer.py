@@ -58,8 +58,9 @@ class DomainLogRouter:
     """structlog processor: sends each record about an event to the log writer.
 
     A record is about an event when it has ``event_id`` and ``domain``. Its
-    full JSON (with the event ``payload``) goes to the writer's inbox without
-    ever waiting: if the inbox is full the line is counted as dropped, because
+    full JSON goes to the writer's inbox without ever waiting (its ``payload``,
+    the event's own JSON as bytes, goes into the line as it is, not encoded
+    again): if the inbox is full the line is counted as dropped, because
     logging must not slow forwarding. Info and debug records about events then
     stop here (they are in the domain's file); warnings and errors also go on
     to stdout.
@@ -75,7 +76,11 @@ class DomainLogRouter:
     def __call__(self, logger: Any, method_name: str, record: dict[str, Any]) -> dict[str, Any]:
         domain = record.get("domain")
         if self._lines is not None and isinstance(domain, str) and record.get("event_id"):
-            line = _LINE_ENCODER.encode(record).encode() + b"\n"
+            payload = record.pop("payload", None)  # stdout never gets it
+            line = _LINE_ENCODER.encode(record).encode()
+            if payload is not None:
+                line = b'%b, "payload": %b}' % (line[:-1], payload)
+            line += b"\n"
             try:
                 self._lines.send_nowait(DomainLogLine(domain, str(record.get("timestamp", ""))[:10], line))
             except trio.WouldBlock:

@@ -18,6 +18,7 @@ from trio_util import AsyncValue
 from actors.forwarder import EndpointConnections, Forwarder
 from actors.stats import ForwardOutcome
 from pipeline.config import Config
+from pipeline.events import AcceptedEvent
 from pipeline.nats_bridge import (
     IDLE_FETCH_SECONDS,
     ConsumeFailure,
@@ -284,7 +285,7 @@ class Subscriber:
         """
         self._storing[domain] += 1
 
-    def stored(self, domain: str, outcome: PublishReceipt | Exception, payload: bytes) -> None:
+    def stored(self, domain: str, outcome: PublishReceipt | Exception, event: AcceptedEvent) -> None:
         """The ingress stored an event for ``domain`` (or failed to: ``outcome`` is the error).
 
         A stored event is handed over, or the domain's consumer is woken.
@@ -305,7 +306,7 @@ class Subscriber:
         receipt = outcome
         dormant = not (state.visiting or state.consumer_wanted)
         if not receipt.duplicate and (state.intake is not None or dormant):
-            delivery = Delivery.from_ingress(payload, receipt.sequence)
+            delivery = Delivery.from_ingress(event, receipt.sequence)
             if state.intake is not None and state.intake.take(delivery):
                 return
             if dormant and len(state.arrivals) < INGRESS_MAX_IN_FLIGHT:

@@ -183,11 +183,13 @@ class Delivery:
     stream_sequence: int
     stored_at: datetime
     handle: Msg | FromIngress  # for acknowledging; opaque outside this module
+    # The event as the ingress parsed it (a delivery from the ingress only): ``data`` needs no parsing again.
+    accepted: AcceptedEvent | None = None
 
     @classmethod
-    def from_ingress(cls, payload: bytes, sequence: int) -> Delivery:
+    def from_ingress(cls, event: AcceptedEvent, sequence: int) -> Delivery:
         """The first delivery of an event just stored, straight from the ingress's memory."""
-        return cls(payload, 1, sequence, datetime.now(UTC), FromIngress())
+        return cls(event.payload, 1, sequence, datetime.now(UTC), FromIngress(), event)
 
     def unacked(self) -> None:
         """This attempt ended without an ack: a delivery from the ingress tells whoever took it."""

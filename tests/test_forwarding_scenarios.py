@@ -6,6 +6,7 @@ default and httpx's.
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import trio
@@ -52,6 +53,25 @@ async def test_event_fans_out_to_every_endpoint_of_its_domain(
         assert request.headers["content-type"] == "application/json"
         assert request.headers["idempotency-key"] == f"vietanh.cloudgo.vn:{answer['event_id']}"
         assert request.headers["user-agent"] == "telephony-forwarder"
+
+
+async def test_a_delivery_attempt_sent_by_the_client_is_replaced_not_repeated(
+    nats_server, http_transport: str, start_backend: StartBackend
+):
+    # The forwarder adds delivery_attempt to what the ingress stored; a client's own
+    # key of that name must give way, not appear twice in the body.
+    backend = await start_backend()
+    config = make_config(
+        nats_server.url, {"vietanh.cloudgo.vn": [backend.url]}, forwarding={"http_transport": http_transport}
+    )
+    with trio.fail_after(SCENARIO_TIMEOUT):
+        async with running_service(config) as service:
+            event = call_event("vietanh.cloudgo.vn", "call-1") | {"delivery_attempt": 7}
+            assert (await service.post_event(event)).status_code == 202
+            await backend.wait_count(1)
+    [raw] = backend.raw_bodies
+    assert raw.count(b'"delivery_attempt"') == 1
+    assert json.loads(raw)["delivery_attempt"] == 1
 
 
 async def test_domains_with_dots_reach_only_their_own_endpoints(

@@ -31,7 +31,7 @@ async def test_a_handler_publish_cut_short_by_its_deadline_is_settled_as_a_timed
                 inbox,
                 AsyncValue({}),
                 storing.append,
-                lambda domain, outcome, payload: stored.append((domain, outcome)),
+                lambda domain, outcome, event: stored.append((domain, outcome)),
             )
             first = PublishRequest(parse_event(b'{"domain": "ingress.example.vn", "event_id": "e-1"}'))
             assert await ingress.publish_now(first)

@@ -11,6 +11,7 @@ from trio_util import AsyncValue
 
 from actors.subscriber import UNCONSUMABLE_REPORT_SECONDS, Subscriber
 from pipeline.config import Config
+from pipeline.events import parse_event
 from pipeline.nats_bridge import ConsumeFailure, JetStream, NatsUnavailable
 from pipeline.routes import Endpoint, open_routes
 
@@ -81,7 +82,7 @@ async def test_a_backlog_reading_does_not_wake_a_domain_for_events_it_has_from_t
             subscriber.begin_reading()({"a.vn": 1})
             assert not state.woken.is_set()
             # Not stored after all (a refusal): nothing of it waits.
-            subscriber.stored("a.vn", NatsUnavailable("timed out"), b"{}")
+            subscriber.stored("a.vn", NatsUnavailable("timed out"), parse_event(b'{"domain": "a.vn"}'))
             subscriber.begin_reading()({"a.vn": 0})
             assert not state.woken.is_set()
             # Deleted by the domain's intake while the reading was on its way.
