@@ -54,7 +54,10 @@ def parse_strict_json(data: bytes | str) -> Any:
         data = data.decode(json.detect_encoding(data), "surrogatepass")
     elif data.startswith("\ufeff"):
         raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", data, 0)
-    return _STRICT_JSON.decode(data)
+    try:
+        return _STRICT_JSON.decode(data)
+    except RecursionError:  # Python's parser recurses once a level: ~1,000 levels end it
+        raise ValueError("arrays and objects nested too deeply to read") from None
 
 
 # What json.loads does with these hooks, without building a decoder per call.
@@ -117,7 +120,13 @@ def parse_event(body: bytes) -> AcceptedEvent:
         event_id = event["event_id"] = str(uuid.uuid4())
     elif not isinstance(event_id, str) or not _EVENT_ID.fullmatch(event_id):
         raise InvalidEvent(f"event_id must be a string of 1-{MAX_EVENT_ID_LENGTH} printable characters without spaces")
-    payload = json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    try:
+        payload = json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    except UnicodeEncodeError:  # "\ud800" is JSON's grammar, but no character: UTF-8 cannot carry it
+        raise InvalidEvent(
+            "body is not valid JSON: a string holds an unpaired surrogate (\\ud800-\\udfff), "
+            "which no UTF-8 text can carry (RFC 8259 section 8.2)"
+        ) from None
     return AcceptedEvent(event_id, domain, payload, describe(event) | {"domain": domain}, event)
 
 

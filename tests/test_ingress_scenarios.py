@@ -14,6 +14,8 @@ from pipeline.config import Config
 from tests.conftest import StartBackend
 from tests.harness import RunningService, call_event, make_config, running_service
 
+UNPAIRED = "body is not valid JSON: a string holds an unpaired surrogate"
+
 
 @pytest.fixture
 async def service(nats_server, nursery):
@@ -54,6 +56,10 @@ async def service(nats_server, nursery):
         (b'{"domain": "ok.vn", "duration": Infinity}', "body is not valid JSON: Infinity is not a JSON value"),
         (b'{"domain": "ok.vn", "duration": -Infinity}', "body is not valid JSON: -Infinity is not a JSON value"),
         (b'{"domain": "ok.vn", "duration": 1e999}', "body is not valid JSON: number 1e999 is too large"),
+        # JSON's grammar allows an unpaired surrogate, escaped or (with a lenient
+        # decoder) as bytes; no UTF-8 text holds one. Once answered 500.
+        (b'{"domain": "ok.vn", "name": "\\ud800"}', UNPAIRED),
+        (b'{"domain": "ok.vn", "name": "\xed\xa0\x80"}', UNPAIRED),
     ],
 )
 async def test_invalid_event_gets_400_with_reason(service: RunningService, body: bytes, reason: str):
@@ -85,6 +91,27 @@ async def test_a_nan_is_refused_unstored_and_what_follows_is_forwarded_as_strict
     assert accepted.status_code == 202 and accepted.json()["sequence"] == 1
     [forwarded] = backend.raw_bodies
     assert _strict_json(forwarded)["call_id"] == "after"
+
+
+async def test_a_body_nested_too_deeply_gets_400_and_what_follows_is_forwarded(
+    nats_server, start_backend: StartBackend
+):
+    # Python's parser recurses once a level; ~1,000 levels once ended it in a
+    # RecursionError: a 500, and a traceback in the log for every such request.
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"ok.vn": [backend.url]})
+    deep = b'{"domain": "ok.vn", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with trio.fail_after(30):
+        async with running_service(config) as service:
+            refused = await service.client.post(
+                f"{service.url}/events", content=deep, headers={"Content-Type": "application/json"}
+            )
+            accepted = await service.post_event(call_event("ok.vn", "after"))
+            await backend.wait_count(1)
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "body is not valid JSON: arrays and objects nested too deeply to read"
+    assert accepted.status_code == 202 and accepted.json()["sequence"] == 1
+    assert [body["call_id"] for body in backend.bodies()] == ["after"]
 
 
 def _strict_json(raw: bytes) -> Any:
