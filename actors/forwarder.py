@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,7 +14,7 @@ from trio_util import AsyncValue
 
 from actors.stats import ForwardOutcome
 from pipeline.config import ForwardingConfig
-from pipeline.events import describe, event_key, parse_strict_json
+from pipeline.events import describe, event_json, event_key, parse_strict_json
 from pipeline.nats_bridge import Delivery
 from pipeline.routes import Endpoint, Routes
 from pipeline.sends import send_now
@@ -184,11 +183,10 @@ class Forwarder:
             event_log.warning("Route removed; leaving event for redelivery")
             return False
         if accepted is not None and "delivery_attempt" not in event:
-            # The ingress's compact JSON with the new key last: what json.dumps would give, unparsed.
+            # The ingress's compact JSON with the new key last: what event_json would give, unparsed.
             body = b'%b,"delivery_attempt":%d}' % (accepted.payload[:-1], delivery.delivery_attempt)
         else:
-            forwarded = event | {"delivery_attempt": delivery.delivery_attempt}
-            body = json.dumps(forwarded, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+            body = event_json(event | {"delivery_attempt": delivery.delivery_attempt})
         # Unique across tenants, who may choose the same event_id: what backends deduplicate on.
         key = event_key(self.domain, str(event.get("event_id", "")))
         headers = [(b"Idempotency-Key", key.encode()), (b"Content-Length", b"%d" % len(body))]

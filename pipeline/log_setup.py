@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from typing import TextIO
 
 import structlog
@@ -26,7 +28,7 @@ def configure_logging(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _timestamp,
             structlog.processors.format_exc_info,
             structlog.processors.EventRenamer("msg"),
             *routing,
@@ -37,6 +39,20 @@ def configure_logging(
         logger_factory=structlog.WriteLoggerFactory(output),
         cache_logger_on_first_use=cache_loggers,
     )
+
+
+@functools.lru_cache(maxsize=1)  # the same for every record within a second
+def _utc_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+def _timestamp(logger: object, method_name: str, record: dict) -> dict:
+    """``TimeStamper(fmt="iso", utc=True)``'s stamp (``2026-01-04T08:15:02.123456Z``), always with
+    microseconds, at a third of its cost: every event writes three records."""
+    now = time.time()
+    second = int(now)
+    record["timestamp"] = f"{_utc_second(second)}.{int((now - second) * 1_000_000):06d}Z"
+    return record
 
 
 def _without_payload(logger: object, method_name: str, record: dict) -> dict:

@@ -21,6 +21,7 @@ from urllib.parse import ParseResult, urlparse
 import nats
 import nats.errors
 import nats.js.errors
+import pydantic_core
 import structlog
 import trio
 import trio_asyncio
@@ -594,7 +595,7 @@ class JetStream:
         if message.status == "503":
             return NatsUnavailable(f"no JetStream stream stores {self.config.subject_pattern}")
         try:
-            answer = json.loads(message.data)
+            answer = pydantic_core.from_json(message.data)
         except ValueError:
             return NatsUnavailable("JetStream answered a publish with something unreadable")
         error = answer.get("error")

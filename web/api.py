@@ -24,6 +24,7 @@ from pipeline.events import (
     InvalidEvent,
     describe,
     domain_subject,
+    event_json,
     normalize_domain,
     parse_strict_json,
     subject_domain,
@@ -194,7 +195,7 @@ def register_api(
         replayed = AcceptedEvent(
             event_id=envelope["event_id"],
             domain=envelope["domain"],
-            payload=json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(),
+            payload=event_json(event),
             fields=describe(event) | {"domain": envelope["domain"]},
             event=event,
             # One id per dead letter: the replay is not deduplicated away, a retried replay is.

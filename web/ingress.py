@@ -7,11 +7,11 @@ of accepting an event). Everything else goes on to the Quart app.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pydantic_core
 import trio
 from trio_util import AsyncValue
 
@@ -46,7 +46,7 @@ class ClientGone(Exception):
 def encoded(answer: Answer) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """``answer`` as a response: its status, its headers (names lower case) and its JSON body."""
     status, body, headers = answer
-    payload = json.dumps(body, allow_nan=False).encode()
+    payload = pydantic_core.to_json(body)
     raw_headers = [
         (b"content-type", b"application/json"),
         (b"content-length", b"%d" % len(payload)),
