@@ -53,7 +53,9 @@ async def test_only_domains_whose_events_wait_in_the_stream_hold_a_consumer(nats
     assert idle == {}
     assert from_ingress == {}
     assert list(fetched) == [consumer_name("tenant-7.vn")]
-    assert fetched[consumer_name("tenant-7.vn")]["num_ack_pending"] == 1
+    # The waiting event; and the first, if the consumer fetched it before its deletion
+    # (acks linger 50 ms to go in batches) landed: left unacked, it is never redelivered.
+    assert fetched[consumer_name("tenant-7.vn")]["num_ack_pending"] in (1, 2)
     assert after == {}
     assert left == 0
     assert [body["call_id"] for body in backend.bodies()] == ["first", "second"]
