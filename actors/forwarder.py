@@ -92,7 +92,7 @@ class Forwarder:
     than the ``room`` semaphore allows; each delivery's slot is released when
     its forwarding ends. Out: the deliveries that every endpoint answered 2xx,
     to the acknowledger, and one ``ForwardOutcome`` per attempt to the stats
-    collector. Any other outcome is left unacked (``Delivery.unacked``), so
+    collector. Any other outcome is left unacked (``Delivery.ended``), so
     JetStream redelivers it after ack_wait, up to max_deliveries: there is no
     retry loop here. After the last attempt JetStream says it gave up, and the dead-letter
     writer files the event (with the errors recorded here). Endpoints are
@@ -150,8 +150,7 @@ class Forwarder:
         finally:
             self.in_flight -= 1
             self._room.release()
-            if not acked:
-                delivery.unacked()
+            delivery.ended(acked)
 
     async def _forward_to_all(self, delivery: Delivery) -> bool:
         """Forward ``delivery`` to every endpoint; whether it went to the acknowledger."""

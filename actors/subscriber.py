@@ -38,10 +38,10 @@ log = structlog.get_logger(component="subscriber")
 UNCONSUMABLE_REPORT_SECONDS = 60.0
 # Domains named as examples in that warning, the statistics and the dashboard's health.
 UNCONSUMABLE_EXAMPLES = 5
-# A domain's forwarder takes events straight from the ingress while it has fewer
-# than this many in flight. Each such event costs a deletion request of its own;
-# a domain with more waiting (a burst, a slow backend) is cheaper fetched in batches
-# by its consumer (at full rate on one domain: 1.2 CPU-ms an event, against 1.5).
+# A domain's forwarder takes events straight from the ingress while fewer than this
+# many of their attempts are under way (not counting those forwarded and waiting for
+# their deletion, which lingers to go in a batch); a domain with more waiting (a burst,
+# a slow backend) is cheaper fetched in batches by its consumer.
 INGRESS_MAX_IN_FLIGHT = 4
 
 
@@ -83,7 +83,8 @@ class _Intake:
     room: trio.Semaphore
     woken: trio.Event  # the domain's, when the intake opened: set when the consumer is needed
     last_event_at: float = -math.inf
-    in_flight: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
+    in_flight: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))  # taken, not yet settled
+    attempts: int = 0  # taken, their attempt under way
     in_stream: int = 0
     unsettled: set[int] = field(default_factory=set)
     failed: set[int] = field(default_factory=set)
@@ -91,14 +92,16 @@ class _Intake:
 
     def take(self, delivery: Delivery) -> bool:
         """Forward ``delivery`` now if the forwarder keeps up; whether it was taken."""
-        if self.in_flight.value >= INGRESS_MAX_IN_FLIGHT:
+        if self.attempts >= INGRESS_MAX_IN_FLIGHT:
             return False
         try:
             self.room.acquire_nowait()
         except trio.WouldBlock:
             return False
         assert isinstance(delivery.handle, FromIngress)
+        delivery.handle.on_ended = self._ended
         delivery.handle.on_settled = partial(self._settled, delivery.stream_sequence)
+        self.attempts += 1
         self.in_flight.value += 1
         self.unsettled.add(delivery.stream_sequence)
         self.in_stream += 1
@@ -106,6 +109,9 @@ class _Intake:
         # The room admits no more than the inbox holds, so this never blocks.
         self.inbox.send_nowait(delivery)
         return True
+
+    def _ended(self) -> None:
+        self.attempts -= 1
 
     def _settled(self, sequence: int, forwarded: bool, removed: bool) -> None:
         self.in_flight.value -= 1

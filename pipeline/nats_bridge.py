@@ -165,13 +165,16 @@ class FromIngress:
     """The handle of a delivery the ingress hands over as it stores the event, with no consumer.
 
     Its ack deletes the event from the stream. Whoever takes the delivery sets
-    ``on_settled``, called once with whether the event reached every endpoint
-    (``forwarded``) and whether it has left the stream (``removed``).
+    ``on_ended``, called once when the attempt ends, and ``on_settled``, called
+    once with whether the event reached every endpoint (``forwarded``) and
+    whether it has left the stream (``removed``): at the attempt's end if it
+    failed, else once its deletion was answered.
     """
 
-    __slots__ = ("on_settled",)
+    __slots__ = ("on_ended", "on_settled")
 
     def __init__(self) -> None:
+        self.on_ended: Callable[[], None] = lambda: None
         self.on_settled: Callable[[bool, bool], None] = lambda forwarded, removed: None
 
 
@@ -192,10 +195,12 @@ class Delivery:
         """The first delivery of an event just stored, straight from the ingress's memory."""
         return cls(event.payload, 1, sequence, datetime.now(UTC), FromIngress(), event)
 
-    def unacked(self) -> None:
-        """This attempt ended without an ack: a delivery from the ingress tells whoever took it."""
+    def ended(self, acked: bool) -> None:
+        """This attempt ended (``acked``: it went to the acknowledger); one from the ingress tells whoever took it."""
         if isinstance(self.handle, FromIngress):
-            self.handle.on_settled(False, False)
+            self.handle.on_ended()
+            if not acked:
+                self.handle.on_settled(False, False)
 
 
 class PullConsumer:
