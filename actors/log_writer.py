@@ -13,6 +13,7 @@ I/O never runs on the trio thread).
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 import sys
 import time
@@ -73,8 +74,11 @@ class DomainLogRouter:
         domain = record.get("domain")
         if self._lines is not None and isinstance(domain, str) and record.get("event_id"):
             payload = record.pop("payload", None)  # stdout never gets it
-            # pydantic-core's encoder: a sixth of json.dumps's time, three lines an event.
-            line = pydantic_core.to_json(record, fallback=str)
+            try:
+                # pydantic-core's encoder: a sixth of json.dumps's time, three lines an event.
+                line = pydantic_core.to_json(record, fallback=str)
+            except pydantic_core.PydanticSerializationError:  # what it cannot write, json can
+                line = json.dumps(record, ensure_ascii=False, default=str).encode()
             if payload is not None:
                 line = b'%b,"payload":%b}' % (line[:-1], payload)
             line += b"\n"

@@ -197,16 +197,30 @@ def consumer_name(domain: str) -> str:
 def describe(event: dict[str, Any]) -> dict[str, Any]:
     """The fields that identify an event in logs and the operator's views.
 
-    Callers replace ``domain`` with its normalized (lower-case) form.
+    Callers replace ``domain`` with its normalized (lower-case) form. A field
+    nested deeper than ``MAX_SHOWN_NESTING`` levels is shown as a note instead:
+    every log record of the event carries these fields, and JSON encoders give
+    up at a few hundred levels (the event itself is stored and forwarded whole).
     """
-    return {
-        "event_id": event.get("event_id"),
-        "call_id": event.get("call_id"),
-        "domain": event.get("domain"),
-        "direction": event.get("direction"),
-        "state": event.get("state"),
-        "status": event.get("status"),
-    }
+    return {name: _shown(event.get(name)) for name in _IDENTIFYING}
+
+
+_IDENTIFYING = ("event_id", "call_id", "domain", "direction", "state", "status")
+MAX_SHOWN_NESTING = 16
+
+
+def _shown(value: Any) -> Any:
+    if isinstance(value, (dict, list)) and not _nested_within(value, MAX_SHOWN_NESTING):
+        return f"(nested more than {MAX_SHOWN_NESTING} levels deep: see the event)"
+    return value
+
+
+def _nested_within(value: Any, levels: int) -> bool:
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, list):
+        return True
+    return levels > 0 and all(_nested_within(item, levels - 1) for item in value)
 
 
 def outcome_record(

@@ -210,3 +210,30 @@ async def test_unwritable_log_directory_does_not_stop_forwarding(
             # Still forwarding after the failure was noticed.
             assert (await service.post_event(call_event("ok.vn", "after"))).status_code == 202
             await backend.wait_count(6)
+
+
+@pytest.mark.parametrize("levels", [300, 900])
+async def test_an_identifying_field_nested_deeply_is_logged_and_forwarded_and_the_service_stays_up(
+    nats_server, start_backend: StartBackend, domain_router, tmp_path: Path, levels: int
+):
+    # A call_id of arrays within arrays goes into every log record of its event. At
+    # 300 levels pydantic-core's encoder refused the record, at ~900 json's could run
+    # out of recursion: the exception left the forwarder's task and ended the service.
+    router, _ = domain_router
+    backend = await start_backend()
+    logs = tmp_path / "logs"
+    config = make_config(nats_server.url, {"ok.vn": [backend.url]}, logging={"dir": str(logs)})
+    nested = b'{"domain": "ok.vn", "call_id": ' + b"[" * levels + b"]" * levels + b"}"
+    with trio.fail_after(30):
+        async with running_service(config, router) as service:
+            deep = await service.client.post(
+                f"{service.url}/events", content=nested, headers={"Content-Type": "application/json"}
+            )
+            after = await service.post_event(call_event("ok.vn", "after"))
+            await backend.wait_count(2)
+    assert deep.status_code == 202 and after.status_code == 202
+    assert sorted(str(body["call_id"])[:3] for body in backend.bodies()) == ["[[[", "aft"]
+    lines = [line for file in log_files(logs / "ok_vn") for line in file.path.read_text().splitlines()]
+    records = [json.loads(line) for line in lines]
+    forwarded = [record["event_id"] for record in records if record["msg"] == "Event forwarded successfully"]
+    assert sorted(forwarded) == sorted([deep.json()["event_id"], after.json()["event_id"]])
