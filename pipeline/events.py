@@ -194,6 +194,10 @@ def consumer_name(domain: str) -> str:
     return f"forward-{token[:80]}-{digest}"
 
 
+_IDENTIFYING = ("event_id", "call_id", "domain", "direction", "state", "status")
+MAX_SHOWN_NESTING = 16
+
+
 def describe(event: dict[str, Any]) -> dict[str, Any]:
     """The fields that identify an event in logs and the operator's views.
 
@@ -203,10 +207,6 @@ def describe(event: dict[str, Any]) -> dict[str, Any]:
     up at a few hundred levels (the event itself is stored and forwarded whole).
     """
     return {name: _shown(event.get(name)) for name in _IDENTIFYING}
-
-
-_IDENTIFYING = ("event_id", "call_id", "domain", "direction", "state", "status")
-MAX_SHOWN_NESTING = 16
 
 
 def _shown(value: Any) -> Any:

@@ -564,9 +564,9 @@ class JetStream:
         results: list[PublishReceipt | Exception | None] = []
         requests: list[Request] = []
         for event in events:
-            headers = {"Nats-Msg-Id": event.message_id or event_key(event.domain, event.event_id)}
+            headers = header_block({"Nats-Msg-Id": event.message_id or event_key(event.domain, event.event_id)})
             # The server counts the headers against max_payload and closes the connection for a message over it.
-            limit = link.max_payload - len(header_block(headers))
+            limit = link.max_payload - len(headers)
             if len(event.payload) > limit:
                 results.append(EventTooLarge(len(event.payload), limit))
             else:

@@ -49,19 +49,18 @@ class Reply:
 class Request:
     subject: str
     payload: bytes
-    headers: dict[str, str] | None = None
+    headers: bytes | None = None  # a header_block(): built once by the caller, who may check its size
 
     def encode(self, reply_to: bytes) -> bytes:
         subject = self.subject.encode()
         if self.headers is None:
             return b"PUB %s %s %d\r\n%s\r\n" % (subject, reply_to, len(self.payload), self.payload)
-        block = header_block(self.headers)
         return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
             subject,
             reply_to,
-            len(block),
-            len(block) + len(self.payload),
-            block,
+            len(self.headers),
+            len(self.headers) + len(self.payload),
+            self.headers,
             self.payload,
         )
 

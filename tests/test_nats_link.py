@@ -19,7 +19,7 @@ import pytest
 import trio
 import trustme
 
-from pipeline.nats_link import LinkError, NatsLink, Request, open_nats_link
+from pipeline.nats_link import LinkError, NatsLink, Request, header_block, open_nats_link
 from tests.harness import NatsServer, run_nats_server, serve_limited_nats
 
 
@@ -61,7 +61,7 @@ async def test_replies_come_back_in_order_whole_and_with_their_status(nats_serve
                     Request("echo", b"first"),
                     Request("$JS.API.INFO", b""),
                     Request("nobody.listens", b"x"),
-                    Request("echo", large, {"Nats-Msg-Id": "a:1"}),
+                    Request("echo", large, header_block({"Nats-Msg-Id": "a:1"})),
                 ]
             )
             await pending.wait_answered()
