@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 import structlog
 import trio
@@ -231,9 +232,18 @@ async def test_an_identifying_field_nested_deeply_is_logged_and_forwarded_and_th
             )
             after = await service.post_event(call_event("ok.vn", "after"))
             await backend.wait_count(2)
+            shown = await wait_for_api(service, "/api/events", _both_of_ok_vn_shown)
     assert deep.status_code == 202 and after.status_code == 202
+    note = "(nested more than 16 levels deep: see the event)"
+    assert sorted(record["call_id"] for record in shown.json()["events_by_domain"]["ok.vn"]) == [note, "after"]
     assert sorted(str(body["call_id"])[:3] for body in backend.bodies()) == ["[[[", "aft"]
     lines = [line for file in log_files(logs / "ok_vn") for line in file.path.read_text().splitlines()]
     records = [json.loads(line) for line in lines]
-    forwarded = [record["event_id"] for record in records if record["msg"] == "Event forwarded successfully"]
-    assert sorted(forwarded) == sorted([deep.json()["event_id"], after.json()["event_id"]])
+    forwarded = {record["event_id"]: record for record in records if record["msg"] == "Event forwarded successfully"}
+    assert set(forwarded) == {deep.json()["event_id"], after.json()["event_id"]}
+    assert forwarded[deep.json()["event_id"]]["call_id"] == note
+    assert len(json.dumps(forwarded[deep.json()["event_id"]]["payload"]["call_id"])) == 2 * levels
+
+
+def _both_of_ok_vn_shown(response: httpx.Response) -> bool:
+    return len(response.json()["events_by_domain"].get("ok.vn", [])) == 2
