@@ -75,7 +75,7 @@ class DomainLogRouter:
         if self._lines is not None and isinstance(domain, str) and record.get("event_id"):
             payload = record.pop("payload", None)  # stdout never gets it
             try:
-                # pydantic-core's encoder: a sixth of json.dumps's time, three lines an event.
+                # pydantic-core's encoder: a quarter of json's time (bench/RESULTS.md), three lines an event.
                 line = pydantic_core.to_json(record, fallback=str)
             except pydantic_core.PydanticSerializationError:  # what it cannot write, json can
                 line = json.dumps(record, ensure_ascii=False, default=str).encode()
