@@ -24,7 +24,7 @@ from urllib.parse import ParseResult, unquote
 
 import trio
 
-from pipeline.sends import write_now
+from pipeline.sends import receive_when_readable, write_now
 
 DEFAULT_PORT = 4222
 RECEIVE_SIZE = 64 * 1024
@@ -221,7 +221,7 @@ class NatsLink:
         return data
 
     async def _receive(self) -> None:
-        data = await self._stream.receive_some(RECEIVE_SIZE)
+        data = await receive_when_readable(self._stream, RECEIVE_SIZE)
         if not data:
             raise trio.BrokenResourceError("the server closed the connection")
         self._buffer += data

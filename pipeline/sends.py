@@ -1,4 +1,4 @@
-"""Sends that go at once when they can, without trio's turn at the scheduler.
+"""Socket and channel I/O for the hot path, without trio's extra turns at the scheduler.
 
 trio ends every socket send and every memory-channel send with a checkpoint,
 also when the kernel's buffer or the channel's takes it whole: the task is
@@ -7,6 +7,11 @@ hot path of an event that was a step per send, six of them an event
 (bench/RESULTS.md, issue 16). These helpers try the send first; only when it
 would block do they wait as trio does. The caller's next wait is its
 checkpoint.
+
+A trio socket receive is the other way round: it tries the read first, and
+only when that finds nothing (one system call for nothing) waits for the
+socket. Where the answer cannot be there yet (a reply to what was just sent,
+a client's next request), ``receive_when_readable`` waits first.
 """
 
 from __future__ import annotations
@@ -43,3 +48,21 @@ async def send_now(channel: trio.MemorySendChannel[T], item: T) -> None:
         channel.send_nowait(item)
     except trio.WouldBlock:
         await channel.send(item)
+
+
+async def receive_when_readable(stream: trio.abc.Stream, max_bytes: int) -> bytes:
+    """``stream.receive_some(max_bytes)``, waiting for the socket under ``stream`` to be readable first
+    (a TLS stream is read as it is); b"" at the end of the stream, as there."""
+    if type(stream) is not trio.SocketStream:
+        return await stream.receive_some(max_bytes)
+    sock = stream.socket
+    while True:
+        if sock.fileno() < 0:
+            raise trio.ClosedResourceError("the connection was closed")
+        await trio.lowlevel.wait_readable(sock)  # raises ClosedResourceError if closed meanwhile
+        try:
+            return os.read(sock.fileno(), max_bytes)
+        except BlockingIOError:  # woken, yet nothing to read: wait again
+            continue
+        except OSError as error:
+            raise trio.BrokenResourceError(f"socket connection broken: {error}") from error

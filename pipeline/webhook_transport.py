@@ -26,7 +26,7 @@ import httptools
 import httpx
 import trio
 
-from pipeline.sends import send_all_now
+from pipeline.sends import receive_when_readable, send_all_now
 
 # A webhook answer is a status; its body is read this far, then the connection is dropped.
 BODY_CAP = 64 * 1024
@@ -288,7 +288,7 @@ class WebhookTransport(httpx.AsyncBaseTransport):
                 raise httpx.WriteError(f"connection lost while sending: {error.__cause__ or error}") from error
             while not response.complete:
                 try:
-                    chunk = await connection.stream.receive_some(RECEIVE_SIZE)
+                    chunk = await receive_when_readable(connection.stream, RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
                     if connection.reused and not received:
                         raise _StaleConnection from error

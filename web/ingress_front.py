@@ -37,7 +37,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
-from pipeline.sends import send_all_now
+from pipeline.sends import receive_when_readable, send_all_now
 from web.ingress import Answer, ClientGone, EventIngress, encoded
 
 log = structlog.get_logger(component="http")
@@ -182,7 +182,7 @@ class IngressFront:
                     if len(buffer) > MAX_HEAD:
                         return 0
                     searched = max(0, len(buffer) - len(_HEAD_END) + 1)
-                    data = await stream.receive_some(RECEIVE_SIZE)
+                    data = await receive_when_readable(stream, RECEIVE_SIZE)
                     if not data:
                         return None
                     buffer += data
@@ -202,7 +202,7 @@ class IngressFront:
             if length > self._ingress.max_body_size:
                 return None
             while len(buffer) < length:
-                data = await stream.receive_some(RECEIVE_SIZE)
+                data = await receive_when_readable(stream, RECEIVE_SIZE)
                 if not data:
                     raise ClientGone
                 buffer.extend(data)
