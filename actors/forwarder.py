@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import httpx
@@ -28,12 +27,6 @@ Headers = list[tuple[bytes, bytes]]
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Closing httpx's pool awaits its connections; a shutdown waits no longer.
 CLOSE_SECONDS = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointResult:
-    endpoint: str
-    error: str | None  # None: answered 2xx
 
 
 class EndpointConnections:
@@ -191,7 +184,7 @@ class Forwarder:
         headers = [(b"Idempotency-Key", key.encode()), (b"Content-Length", b"%d" % len(body))]
         event_log.info("Forwarding event", endpoints=len(endpoints))
 
-        results: list[EndpointResult] = []
+        answered: dict[str, str | None] = {}  # endpoint URL → None (2xx) or what went wrong
 
         async def post(endpoint: Endpoint) -> None:
             signed = headers
@@ -199,15 +192,24 @@ class Forwarder:
                 signed = headers + [
                     (k.encode(), v.encode()) for k, v in signature_headers(endpoint.secret, key, body).items()
                 ]
-            results.append(EndpointResult(endpoint.url, await self._post(endpoint.url, body, signed)))
+            answered[endpoint.url] = await self._exchange(endpoint.url, body, signed)
 
         # The first endpoint's request runs in this task, each other one in its own: a task fewer per event.
         async with trio.open_nursery() as nursery:
+            if self._config.http_transport != "httpx":
+                # The requests start together: one deadline for every endpoint's connect, send and whole
+                # answer, the nursery's. The lean transport closes the connection of a request it cuts.
+                nursery.cancel_scope.deadline = trio.current_time() + self._config.timeout_seconds
             for endpoint in endpoints[1:]:
                 nursery.start_soon(post, endpoint)
             await post(endpoints[0])
 
-        errors = {result.endpoint: result.error for result in results if result.error is not None}
+        timed_out = f"timeout (no complete answer within {self._config.timeout_seconds:g} s)"
+        errors = {
+            endpoint.url: error
+            for endpoint in endpoints
+            if (error := answered.get(endpoint.url, timed_out)) is not None
+        }
         outcome = ForwardOutcome(
             domain=self.domain,
             fields=fields,
@@ -233,17 +235,8 @@ class Forwarder:
         )
         return False
 
-    async def _post(self, url: str, body: bytes, headers: Headers) -> str | None:
-        """POST ``body``; None when the endpoint answered 2xx, else what went wrong, in a few words."""
-        if self._config.http_transport == "httpx":
-            return await self._exchange(url, body, headers)
-        # One deadline for connect, send and the whole answer; the lean
-        # transport closes the connection of a request it cuts.
-        with trio.move_on_after(self._config.timeout_seconds):
-            return await self._exchange(url, body, headers)
-        return f"timeout (no complete answer within {self._config.timeout_seconds:g} s)"
-
     async def _exchange(self, url: str, body: bytes, headers: Headers) -> str | None:
+        """POST ``body``; None when the endpoint answered 2xx, else what went wrong, in a few words."""
         target, target_headers = self._connections.target(url)
         # Headers complete (Host, Content-Length) and the body as a stream: httpx's
         # Request then skips its own header preparation, which costs 4× the rest.

@@ -189,6 +189,24 @@ async def test_a_body_slower_than_the_body_timeout_gets_408(
     assert backend.bodies() == []
 
 
+async def test_a_chunked_body_slower_than_the_body_timeout_gets_408_from_hypercorn_too(
+    nats_server, start_backend: StartBackend, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(web.app, "SLOW_CLIENT_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(web.server, "IDLE_CONNECTION_SECONDS", 30)
+    body = json.dumps(call_event(DOMAIN, "slow chunks")).encode()
+    async with connected(nats_server, start_backend) as (backend, stream, answers):
+        # A chunked body goes to hypercorn; its first chunk comes, the rest never does.
+        await stream.send_all(
+            b"POST /events HTTP/1.1\r\nHost: front\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (10, body[:10])
+        )
+        status, _, answer = await answers.next()
+        assert status == 408
+        assert json.loads(answer)["error"] == "the body did not arrive within 0.5 s"
+    assert backend.bodies() == []
+
+
 async def test_shutdown_answers_the_post_in_flight_and_closes_idle_connections(
     nats_server, start_backend: StartBackend
 ):

@@ -43,6 +43,10 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
+class BodyTooSlow(Exception):
+    """The request body did not arrive within the ingress's ``body_timeout``."""
+
+
 def encoded(answer: Answer) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """``answer`` as a response: its status, its headers (names lower case) and its JSON body."""
     status, body, headers = answer
@@ -88,7 +92,7 @@ class EventIngress:
         self._publish_requests = publish_requests
         self._publish_now = publish_now
         self.max_body_size = max_body_size
-        self._body_timeout = body_timeout
+        self.body_timeout = body_timeout
         self._answer_deadline = answer_deadline
         self._limiter = DomainRateLimiter(access.value.rate_per_second, access.value.burst)
         self._unrouted_limiter = DomainRateLimiter(access.value.unrouted_rate_per_second, access.value.unrouted_burst)
@@ -112,25 +116,29 @@ class EventIngress:
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The request body, or None when it is larger than allowed."""
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_size:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
+        with trio.move_on_after(self.body_timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body_size:
+                    return None
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    return b"".join(chunks)
+        raise BodyTooSlow
 
     async def post_event(self, headers: dict[str, str], read_body: Callable[[], Awaitable[bytes | None]]) -> Answer:
         """The answer to POST /events with ``headers`` (names lower case).
 
-        ``read_body`` returns the body, or None when it is larger than allowed,
-        and raises ``ClientGone`` if the client disconnects first; it is called
-        only once the request's API key and Content-Type pass, so a refused
-        request's body may be left unread.
+        ``read_body`` returns the body, or None when it is larger than allowed;
+        it raises ``ClientGone`` if the client disconnects first, and
+        ``BodyTooSlow`` if the body takes longer than ``body_timeout`` (the
+        reader's timer, only while it waits: a body that came with its head
+        costs none). It is called only once the request's API key and
+        Content-Type pass, so a refused request's body may be left unread.
         """
         rules = self._access.value
         key = rules.key_for(headers.get("authorization"))
@@ -141,10 +149,10 @@ class EventIngress:
         content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if content_type not in ACCEPTED_CONTENT_TYPES and not content_type.endswith("+json"):
             return _error(415, f"unsupported Content-Type {content_type!r}: send application/json")
-        with trio.move_on_after(self._body_timeout) as reading:
+        try:
             body = await read_body()
-        if reading.cancelled_caught:
-            return _error(408, f"the body did not arrive within {self._body_timeout:g} s")
+        except BodyTooSlow:
+            return _error(408, f"the body did not arrive within {self.body_timeout:g} s")
         if body is None:
             return _error(413, f"body larger than {self.max_body_size} bytes")
         try:

@@ -38,7 +38,7 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from pipeline.sends import receive_when_readable, send_all_now
-from web.ingress import Answer, ClientGone, EventIngress, encoded
+from web.ingress import Answer, BodyTooSlow, ClientGone, EventIngress, encoded
 
 log = structlog.get_logger(component="http")
 
@@ -201,11 +201,15 @@ class IngressFront:
             nonlocal body_read
             if length > self._ingress.max_body_size:
                 return None
-            while len(buffer) < length:
-                data = await receive_when_readable(stream, RECEIVE_SIZE)
-                if not data:
-                    raise ClientGone
-                buffer.extend(data)
+            if len(buffer) < length:  # mostly the body comes with its head, and waits for nothing
+                with trio.move_on_after(self._ingress.body_timeout):
+                    while len(buffer) < length:
+                        data = await receive_when_readable(stream, RECEIVE_SIZE)
+                        if not data:
+                            raise ClientGone
+                        buffer.extend(data)
+                if len(buffer) < length:
+                    raise BodyTooSlow
             body = bytes(buffer[:length])
             del buffer[:length]
             body_read = True
