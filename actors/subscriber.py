@@ -79,7 +79,7 @@ class _Intake:
     """
 
     state: _Domain  # the domain's, which counts what its intakes deleted
-    inbox: trio.MemorySendChannel[Delivery]
+    forward_now: Callable[[Delivery], None]  # the domain's forwarder's
     room: trio.Semaphore
     woken: trio.Event  # the domain's, when the intake opened: set when the consumer is needed
     last_event_at: float = -math.inf
@@ -106,8 +106,7 @@ class _Intake:
         self.unsettled.add(delivery.stream_sequence)
         self.in_stream += 1
         self.last_event_at = trio.current_time()
-        # The room admits no more than the inbox holds, so this never blocks.
-        self.inbox.send_nowait(delivery)
+        self.forward_now(delivery)
         return True
 
     def _ended(self) -> None:
@@ -392,14 +391,19 @@ class Subscriber:
                 # domain holds (the garbage collector scans them all).
                 with send, trio.CancelScope() as state.feeding:
                     if not (self._stopping.is_set() or retire.is_set()):
-                        await self._feed(domain, state, send, room)
+                        await self._feed(domain, state, send, forwarder.forward_now, room)
                 state.feeding = None
         finally:
             if self._forwarders.get(domain) is forwarder:
                 del self._forwarders[domain]
 
     async def _feed(
-        self, domain: str, state: _Domain, forwarder: trio.MemorySendChannel[Delivery], room: trio.Semaphore
+        self,
+        domain: str,
+        state: _Domain,
+        forwarder: trio.MemorySendChannel[Delivery],
+        forward_now: Callable[[Delivery], None],
+        room: trio.Semaphore,
     ) -> None:
         """Feed the forwarder from the ingress, if an event the ingress stored woke the domain, until
         the domain's consumer is needed (or the intake was idle for ``nats.consumer_idle_seconds``);
@@ -409,7 +413,7 @@ class Subscriber:
         if arrivals and not state.consumer_wanted:
             # A wake from now on is work for the consumer.
             state.woken = trio.Event()
-            intake = _Intake(state, forwarder, room, state.woken)
+            intake = _Intake(state, forward_now, room, state.woken)
             for delivery in arrivals:
                 if not intake.take(delivery):
                     state.woken.set()  # no room (a smaller max_in_flight_per_domain): the consumer fetches it
