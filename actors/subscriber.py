@@ -40,9 +40,12 @@ UNCONSUMABLE_REPORT_SECONDS = 60.0
 UNCONSUMABLE_EXAMPLES = 5
 # A domain's forwarder takes events straight from the ingress while fewer than this
 # many of their attempts are under way (not counting those forwarded and waiting for
-# their deletion, which lingers to go in a batch); a domain with more waiting (a burst,
-# a slow backend) is cheaper fetched in batches by its consumer.
-INGRESS_MAX_IN_FLIGHT = 4
+# their deletion, which lingers to go in a batch); a domain with more waiting (a flood,
+# a slow backend) is fetched in batches by its consumer. Not fewer: at 4, one domain
+# at a steady 300 events/s (~1 attempt under way) went over whenever this machine
+# paused for a few ms, and its consumer then served it for the rest of its busy
+# spell, at ~1.5 x the CPU an event and with p99s of 15-80 ms, not 6-15 (bench/RESULTS.md).
+INGRESS_MAX_IN_FLIGHT = 16
 
 
 @dataclass(eq=False, slots=True)
