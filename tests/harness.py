@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -279,6 +281,22 @@ class NatsServer:
     def stop(self) -> None:
         assert self._scope is not None
         self._scope.cancel()
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server stopped for the block (SIGSTOP: a stalled disk or VM), its connections open.
+
+        SIGSTOP takes effect a moment after ``kill`` returns, and a thread of the server
+        running then could still answer what the block sends first; so the block starts
+        once the server is stopped (the parent's ``waitid`` says so), and SIGCONT ends it.
+        """
+        pid = int((self.embedded.data_dir / "nats-server.pid").read_text())
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOWAIT)
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     async def consumers(self, stream: str) -> dict[str, dict[str, Any]]:
         """The stream's consumers by name, with their state, from the server's monitoring endpoint (/jsz)."""

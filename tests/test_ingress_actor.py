@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-
 import trio
 from trio_util import AsyncValue
 
@@ -20,7 +17,6 @@ async def test_a_handler_publish_cut_short_by_its_deadline_is_settled_as_a_timed
     # The subscriber counts each event between storing and stored: a publish cut
     # short must still end in stored, or the domain's backlog readings stay skewed.
     config = make_config(nats_server.url, {DOMAIN: ["http://127.0.0.1:9/"]}).nats
-    server_pid = int((nats_server.embedded.data_dir / "nats-server.pid").read_text())
     storing: list[str] = []
     stored: list[tuple[str, PublishReceipt | Exception]] = []
     _, inbox = trio.open_memory_channel[PublishRequest](8)
@@ -40,12 +36,8 @@ async def test_a_handler_publish_cut_short_by_its_deadline_is_settled_as_a_timed
             # A server that stops answering (SIGSTOP), and a handler whose deadline
             # comes before the publish timeout (5 s) would.
             cut = PublishRequest(parse_event(b'{"domain": "ingress.example.vn", "event_id": "e-2"}'))
-            os.kill(server_pid, signal.SIGSTOP)
-            try:
-                with trio.move_on_after(1) as deadline:
-                    await ingress.publish_now(cut)
-            finally:
-                os.kill(server_pid, signal.SIGCONT)
+            with nats_server.frozen(), trio.move_on_after(1) as deadline:
+                await ingress.publish_now(cut)
             assert deadline.cancelled_caught
             assert cut.done.is_set()
             assert isinstance(cut.outcome, NatsUnavailable)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-
 import trio
 
 from tests.conftest import OpenedJetStream, StartBackend
@@ -47,14 +44,10 @@ async def test_frozen_broker_times_out_the_publish_and_the_retry_is_stored_once(
     # 202, and its retry of the same event_id is stored once.
     backend = await start_backend()
     config = make_config(nats_server.url, {"ok.vn": [backend.url]}, nats={"publish_timeout_seconds": 1})
-    server_pid = int((nats_server.embedded.data_dir / "nats-server.pid").read_text())
     with trio.fail_after(60):
         async with running_service(config) as service:
-            os.kill(server_pid, signal.SIGSTOP)
-            try:
+            with nats_server.frozen():
                 refused = await service.post_event(call_event("ok.vn", "frozen", event_id="frozen-1"))
-            finally:
-                os.kill(server_pid, signal.SIGCONT)
             assert refused.status_code == 500
             assert refused.json()["event_id"] == "frozen-1"
             assert "timed out" in refused.json()["error"]
