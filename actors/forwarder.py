@@ -160,12 +160,20 @@ class Forwarder:
         accepted = delivery.accepted
         if accepted is not None:  # parsed by the ingress a moment ago
             event, described = accepted.event, accepted.fields
+            if "delivery_attempt" in event:
+                body = event_json(event | {"delivery_attempt": delivery.delivery_attempt})
+            else:
+                # The ingress's compact JSON with the new key last: what event_json would give, unparsed.
+                body = b'%b,"delivery_attempt":%d}' % (accepted.payload[:-1], delivery.delivery_attempt)
         else:
             try:
                 # Strict: a NaN stored by an older version could not be forwarded as JSON.
                 event = parse_strict_json(delivery.data)
                 if not isinstance(event, dict):
                     raise ValueError("not a JSON object")
+                # An unpaired surrogate ("\ud800": JSON's grammar, no UTF-8 carries it) raises
+                # UnicodeEncodeError, a ValueError, as the ingress's 400 says.
+                body = event_json(event | {"delivery_attempt": delivery.delivery_attempt})
             except ValueError as error:
                 # Not ours (published to the subject by something else): it can
                 # never be forwarded, so ack it away instead of retrying it.
@@ -184,11 +192,6 @@ class Forwarder:
         if not endpoints:
             event_log.warning("Route removed; leaving event for redelivery")
             return False
-        if accepted is not None and "delivery_attempt" not in event:
-            # The ingress's compact JSON with the new key last: what event_json would give, unparsed.
-            body = b'%b,"delivery_attempt":%d}' % (accepted.payload[:-1], delivery.delivery_attempt)
-        else:
-            body = event_json(event | {"delivery_attempt": delivery.delivery_attempt})
         # Unique across tenants, who may choose the same event_id: what backends deduplicate on.
         key = event_key(self.domain, str(event.get("event_id", "")))
         headers = [(b"Idempotency-Key", key.encode()), (b"Content-Length", b"%d" % len(body))]
