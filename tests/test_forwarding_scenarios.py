@@ -279,27 +279,33 @@ async def test_a_stored_event_with_nan_is_never_forwarded_as_invalid_json(
     assert health.status_code == 200
 
 
-async def test_a_stored_message_with_an_unpaired_surrogate_is_dropped_and_the_service_goes_on(
+async def test_stored_messages_that_are_not_events_are_dropped_and_the_service_goes_on(
     nats_server, start_backend: StartBackend, jetstreams: list[OpenedJetStream]
 ):
-    # The ingress refuses "\ud800" (no UTF-8 can carry it); a message published to the
-    # subject by something else can still hold it, and writing it out raised in the forwarder.
+    # Published to the subject by something else: not JSON, not an object, and "\ud800"
+    # (the ingress refuses it: no UTF-8 can carry it), whose writing out raised in the forwarder.
     backend = await start_backend()
     config = make_config(nats_server.url, {"ok.vn": [backend.url]})
-    published_elsewhere = b'{"domain":"ok.vn","call_id":"\\ud800","event_id":"elsewhere-1"}'
+    published_elsewhere = [
+        b"not json at all",
+        b'["ok.vn"]',
+        b'{"domain":"ok.vn","call_id":"\\ud800","event_id":"elsewhere-1"}',
+    ]
     with trio.fail_after(SCENARIO_TIMEOUT), capture_logs() as logs:
         async with running_service(config) as service:
             [opened] = jetstreams
-            await opened.run_asyncio(
-                opened.jetstream._context.publish,
-                domain_subject(config.nats.subject_pattern, "ok.vn"),
-                published_elsewhere,
-            )
-            assert (await service.post_event(call_event("ok.vn", "after"))).json()["sequence"] == 2
+            for message in published_elsewhere:
+                await opened.run_asyncio(
+                    opened.jetstream._context.publish,
+                    domain_subject(config.nats.subject_pattern, "ok.vn"),
+                    message,
+                )
+            assert (await service.post_event(call_event("ok.vn", "after"))).json()["sequence"] == 4
             await backend.wait_count(1)
-            await _wait_settled(nats_server, config.nats.stream_name)  # the one published elsewhere too
+            await _wait_settled(nats_server, config.nats.stream_name)  # the ones published elsewhere too
             health = await service.client.get(f"{service.url}/health")
     assert [b["call_id"] for b in backend.bodies()] == ["after"]
     assert health.status_code == 200
-    [dropped] = [entry for entry in logs if entry["event"] == "Dropping unreadable message"]
-    assert "surrogate" in dropped["error"]
+    dropped = [entry for entry in logs if entry["event"] == "Dropping unreadable message"]
+    assert len(dropped) == 3
+    assert any("surrogate" in entry["error"] for entry in dropped)
