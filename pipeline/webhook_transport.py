@@ -187,7 +187,10 @@ class WebhookTransport(httpx.AsyncBaseTransport):
         origin = (scheme, url.raw_host.decode("ascii"), url.port or _DEFAULT_PORTS[scheme])
         method = request.method.encode("latin-1", errors="replace")
         head_only = method == b"HEAD"
-        data, keep_alive = _request_bytes(method, url.raw_path, request.headers.raw, await request.aread())
+        stream = request.stream
+        # The forwarder's bodies are ByteStreams, readable as they are: aread's await and copy skipped.
+        body = b"".join(stream) if isinstance(stream, httpx.ByteStream) else await request.aread()
+        data, keep_alive = _request_bytes(method, url.raw_path, request.headers.raw, body)
         self._active += 1
         try:
             connection = self._take_idle(origin)

@@ -77,6 +77,34 @@ async def test_framed_bodies_are_read_whole_and_the_connection_kept(start_raw_ba
     assert client.statistics().idle_connections == 1
 
 
+async def test_a_body_in_bytes_goes_with_its_length_and_a_streamed_one_as_one_chunk(
+    start_raw_backend: StartRawBackend,
+):
+    wire: list[bytes] = []
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        received = b""
+        while not received.endswith((b'"c-1"}', b"0\r\n\r\n")):  # the end of either body
+            received += await stream.receive_some(4096)
+        wire.append(received)
+        await stream.send_all(OK)
+
+    url = await start_raw_backend(handler)
+    client = transport()
+
+    async def streamed_body():
+        yield b'{"call_id": '
+        yield b'"c-1"}'
+
+    with trio.fail_after(TEST_TIMEOUT):
+        for content in (b'{"call_id": "c-1"}', streamed_body()):
+            response = await client.handle_async_request(httpx.Request("POST", url, content=content))
+            assert response.status_code == 200
+    assert wire[0].endswith(b'Content-Length: 18\r\n\r\n{"call_id": "c-1"}')
+    assert b"Transfer-Encoding: chunked\r\n" in wire[1]
+    assert wire[1].endswith(b'\r\n\r\n12\r\n{"call_id": "c-1"}\r\n0\r\n\r\n')
+
+
 async def test_answers_leave_nothing_for_the_garbage_collector(start_raw_backend: StartRawBackend):
     # The service raises the collector's thresholds (cli.GC_THRESHOLDS): cycles left
     # by every request would pile up between its collections, each then a long pause.
