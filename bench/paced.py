@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -113,6 +114,12 @@ class PacedClient:
 
 
 async def main(url: str, rate: float, seconds: float, domains: list[str]) -> None:
+    # A connection for every request in flight: a service that stalls for a second
+    # at 300/s has 300 open, and a soft limit of 1,024 files is not far.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     host, port = url.removeprefix("http://").split(":")
     client = PacedClient(host, int(port))
     pending = []
