@@ -1,16 +1,19 @@
 """The one door to asyncio: nats-py's JetStream behind a trio-facing interface.
 
 nats-py is asyncio-only; ``open_jetstream`` runs it on a trio-asyncio loop and
-every method here crosses the bridge once (about 0.3 ms), so callers pass
-batches: many acks, one fetch of many messages. The hot path's requests
-(publishing events, deleting forwarded ones) do not cross: they go over a
-trio-native connection of their own (``pipeline/nats_link.py``).
+every method that uses it crosses the bridge once (about 0.3 ms). The hot
+path does not cross: publishing events, deleting forwarded ones, a consumer's
+pulls and acks go over a trio-native connection of their own
+(``pipeline/nats_link.py``); nats-py manages streams and consumers, reads
+the stream for the API and follows the connection's state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,7 +29,6 @@ import structlog
 import trio
 import trio_asyncio
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from trio_asyncio import aio_as_trio
 from trio_util import AsyncBool, AsyncValue
@@ -46,9 +48,13 @@ from pipeline.streams import (
 log = structlog.get_logger(component="nats")
 
 # A consumer with nothing waiting long-polls for one message this long; one with
-# a backlog takes a batch of what is waiting, collecting for at most the window.
+# a backlog takes a batch of what is waiting then.
 IDLE_FETCH_SECONDS = 5.0
-BATCH_WINDOW_SECONDS = 0.005
+# The status messages that end a pull: nothing waiting (a batch of what is there
+# now), the long poll expired; a heartbeat ends nothing.
+_NO_MESSAGES = "404"
+_PULL_EXPIRED = "408"
+_HEARTBEAT = "100"
 DRAIN_TIMEOUT_SECONDS = 5.0
 RECONNECT_WAIT_SECONDS = 1.0
 CONNECT_TIMEOUT_SECONDS = 2.0
@@ -186,7 +192,7 @@ class Delivery:
     delivery_attempt: int
     stream_sequence: int
     stored_at: datetime
-    handle: Msg | FromIngress  # for acknowledging; opaque outside this module
+    handle: FromConsumer | FromIngress  # for acknowledging; opaque outside this module
     # The event as the ingress parsed it (a delivery from the ingress only): ``data`` needs no parsing again.
     accepted: AcceptedEvent | None = None
 
@@ -203,62 +209,104 @@ class Delivery:
                 self.handle.on_settled(False, False)
 
 
-class PullConsumer:
-    """A durable pull consumer (a domain's, or the dead-letter writers'), bound to a subscription."""
+class FromConsumer:
+    """The handle of a delivery a consumer made: acked by a message to its ``ack_subject``."""
 
-    def __init__(self, js: JetStream, stream: str, name: str, subscription: JetStreamContext.PullSubscription) -> None:
+    __slots__ = ("ack_subject",)
+
+    def __init__(self, ack_subject: bytes) -> None:
+        self.ack_subject = ack_subject
+
+
+class PullConsumer:
+    """A durable pull consumer (a domain's, or the dead-letter writers'), pulled over the link.
+
+    At most one pull is open at a time. What it delivers waits here until
+    fetched: a fetch given up (cancelled) or asking less than came loses
+    nothing, the next fetch takes it.
+    """
+
+    def __init__(self, js: JetStream, stream: str, name: str, link: NatsLink) -> None:
         self.name = name
         self._stream = stream
         self._js = js
-        self._subscription = subscription
+        self._link = link
+        self._inbox = b""
+        self._next_subject = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{name}"
         self.more_waiting = False  # the last fetch said more messages were waiting
-        self._held: list[Msg] = []  # delivered beyond what a fetch asked for: the next fetches' first
-        # A pull subscription does not recover by itself after a server restart
-        # (nats.py #504): after any reconnect the consumer is opened anew.
-        self._connection = js.connection_number
+        self._arrived: deque[Reply] = deque()  # delivered, not yet fetched
+        self._pull_left = 0  # messages the open pull may still deliver; 0: none is open
+        self._pull_deadline = math.inf  # by when the open pull must have ended
+        self._failure: str | None = None
+        self._changed = trio.Event()
+
+    async def _listen(self) -> None:
+        self._inbox = await self._link.listen(self._on_message)
+
+    def _on_message(self, message: Reply | None) -> None:
+        if message is None:
+            self._failure = "the connection to NATS broke"
+        elif message.status is None:
+            self._arrived.append(message)
+            self._pull_left = max(self._pull_left - 1, 0)
+        elif message.status in (_NO_MESSAGES, _PULL_EXPIRED):
+            self._pull_left = 0
+        elif message.status == _HEARTBEAT:
+            return
+        else:  # 409: the consumer deleted, a leader changed, ...
+            self._pull_left = 0
+            self._failure = f"pull refused: {message.status} {message.description}".strip()
+        self._changed.set()
 
     async def fetch(self, max_messages: int) -> list[Delivery]:
         """Up to ``max_messages`` deliveries, or none after a few seconds of silence.
 
-        Raises ``NatsUnavailable`` or a nats error when the consumer needs re-opening.
+        Raises ``NatsUnavailable`` when the consumer needs re-opening.
         """
-        if not self._js.connected.value:
-            raise NatsUnavailable("not connected to NATS")
-        if self._connection != self._js.connection_number:
-            raise NatsUnavailable("reconnected to NATS")
-        # nats-py's fetch(n) waits for all n (or the expiry), so a batch is asked
-        # for only when messages are known to be waiting; otherwise a fetch of
-        # one returns as soon as the next event is stored.
-        if self._held:
-            messages = self._held
-        else:
-            batch, wait = (max_messages, BATCH_WINDOW_SECONDS) if self.more_waiting else (1, IDLE_FETCH_SECONDS)
-            try:
-                messages = await aio_as_trio(self._fetch)(batch, wait)
-            except _NATS_ERRORS as error:
-                raise NatsUnavailable(f"fetch failed: {error or type(error).__name__}") from error
-        # nats-py's fetch returns every message waiting in the subscription, also those
-        # of an earlier pull that came after it gave up (a batch window is 5 ms): more
-        # than asked for, more than the forwarder has room for. They wait here, with
-        # their ack_wait running, for the next fetch.
-        messages, self._held = messages[:max_messages], messages[max_messages:]
-        self.more_waiting = bool(self._held) or (bool(messages) and messages[-1].metadata.num_pending > 0)
-        return [
-            Delivery(
-                data=message.data,
-                delivery_attempt=message.metadata.num_delivered,
-                stream_sequence=message.metadata.sequence.stream,
-                stored_at=message.metadata.timestamp,
-                handle=message,
+        if not self._arrived and not self._pull_left:
+            await self._pull(max_messages)
+        while not self._arrived and self._pull_left and self._failure is None:
+            self._changed = trio.Event()
+            with trio.move_on_at(self._pull_deadline):
+                await self._changed.wait()
+            if not self._changed.is_set():
+                self._failure = "no answer to a pull"
+        if not self._arrived and self._failure is not None:
+            raise NatsUnavailable(f"fetch failed: {self._failure}")
+        deliveries: list[Delivery] = []
+        still_pending = 0
+        while self._arrived and len(deliveries) < max_messages:
+            message = self._arrived.popleft()
+            # $JS.ACK.<stream>.<consumer>.<deliveries>.<stream seq>.<consumer seq>.<stored, ns>.<pending>,
+            # or with a domain and an account hash after ACK (and a token at the end).
+            tokens = message.reply_to.split(b".")
+            delivered, sequence, _, stored_ns, pending = tokens[4:9] if len(tokens) == 9 else tokens[6:11]
+            deliveries.append(
+                Delivery(
+                    data=message.data,
+                    delivery_attempt=int(delivered),
+                    stream_sequence=int(sequence),
+                    stored_at=datetime.fromtimestamp(int(stored_ns) / 1e9, UTC),
+                    handle=FromConsumer(message.reply_to),
+                )
             )
-            for message in messages
-        ]
+            still_pending = int(pending)
+        self.more_waiting = bool(self._arrived) or still_pending > 0
+        return deliveries
 
-    async def _fetch(self, batch: int, wait_seconds: float) -> list[Msg]:
-        try:
-            return await self._subscription.fetch(batch, timeout=wait_seconds)
-        except TimeoutError:  # nats-py raises its own subclass, or asyncio's
-            return []
+    async def _pull(self, max_messages: int) -> None:
+        # With messages known to be waiting, a batch of those there now; otherwise one
+        # message, as soon as it is stored, or an expiry after a few seconds.
+        if self._failure is not None:
+            raise NatsUnavailable(f"fetch failed: {self._failure}")
+        timeout = self._js.config.publish_timeout_seconds
+        if self.more_waiting:
+            self._pull_left, request = max_messages, b'{"batch":%d,"no_wait":true}' % max_messages
+        else:
+            self._pull_left, request = 1, b'{"batch":1,"expires":%d}' % (IDLE_FETCH_SECONDS * 1e9)
+            timeout += IDLE_FETCH_SECONDS
+        self._pull_deadline = trio.current_time() + timeout
+        await self._link.publish([Request(self._next_subject, request)], reply_to=self._inbox)
 
     async def drained(self) -> bool:
         """Whether nothing waits for this consumer and nothing it delivered is unacknowledged."""
@@ -288,11 +336,8 @@ class PullConsumer:
         return True
 
     async def close(self) -> None:
-        """Stop the subscription (the durable consumer stays on the server)."""
-        try:
-            await aio_as_trio(self._subscription.unsubscribe)()
-        except nats.errors.Error as error:
-            log.debug("Unsubscribe failed", consumer=self.name, error=str(error))
+        """Stop listening (the durable consumer stays on the server)."""
+        await self._link.unlisten(self._inbox)
 
 
 class JetStream:
@@ -305,7 +350,6 @@ class JetStream:
     def __init__(self, config: NatsConfig) -> None:
         self.config = config
         self.connected = AsyncBool(False)
-        self.connection_number = 0
         self._closing = False
         # Set when nats-py closed the client for good (not by us): _keep_connected replaces it.
         self._client_closed = trio.Event()
@@ -332,7 +376,6 @@ class JetStream:
                 log.warning("NATS disconnected")
 
         async def reconnected() -> None:
-            self.connection_number += 1
             self.connected.value = True
             log.info("NATS reconnected", url=self.server_url)
 
@@ -388,8 +431,6 @@ class JetStream:
             self._client_closed = trio.Event()
             reason = self._client.last_error
             log.error("NATS connection closed; opening a new one", error=str(reason) if reason else None)
-            # The fetch loops re-open their consumers when this changes.
-            self.connection_number += 1
             await self._connect_until_up(url)
             log.info("NATS connection rebuilt", url=self.server_url)
 
@@ -427,6 +468,12 @@ class JetStream:
             with trio.move_on_after(self.config.publish_timeout_seconds):
                 return await self._link.wait_value(lambda link: link is not None and not link.closed)
         raise NatsUnavailable("not connected to NATS")
+
+    async def _flush_link(self) -> None:
+        """Until the server has read what was sent over the link (the acks: no answer says so)."""
+        link = self._link.value
+        if link is not None:
+            await link.flush()
 
     async def _drain(self) -> None:
         self._closing = True
@@ -750,15 +797,25 @@ class JetStream:
             raise NatsUnavailable(f"cannot delete from {stream}: {error or type(error).__name__}") from error
 
     async def ack_batch(self, deliveries: Sequence[Delivery]) -> None:
-        """Settle ``deliveries``: those a consumer delivered are acked, in one bridge crossing.
+        """Settle ``deliveries``: those a consumer delivered are acked, all in one write over the link.
 
         Acks are fire and forget. Events from the ingress are deleted from the
         stream, all at once over the link under one timeout, and each one's
         ``on_settled`` learns whether that worked.
         """
-        consumed = [delivery for delivery in deliveries if isinstance(delivery.handle, Msg)]
-        if consumed:
-            await aio_as_trio(self._ack_all)(consumed)
+        acks = [
+            Request(delivery.handle.ack_subject.decode(), b"+ACK")
+            for delivery in deliveries
+            if isinstance(delivery.handle, FromConsumer)
+        ]
+        if acks:
+            try:
+                link = await self._requests_link()
+            except NatsUnavailable as error:
+                # Not acked means redelivered after ack_wait: at-least-once holds.
+                log.warning("Cannot ack", events=len(acks), error=str(error))
+            else:
+                await link.publish(acks)
         from_ingress = [delivery for delivery in deliveries if isinstance(delivery.handle, FromIngress)]
         if not from_ingress:
             return
@@ -766,16 +823,6 @@ class JetStream:
         for delivery, gone in zip(from_ingress, removed, strict=True):
             assert isinstance(delivery.handle, FromIngress)
             delivery.handle.on_settled(True, gone)
-
-    @staticmethod
-    async def _ack_all(deliveries: list[Delivery]) -> None:
-        for delivery in deliveries:
-            assert isinstance(delivery.handle, Msg)
-            try:
-                await delivery.handle.ack()
-            except nats.errors.Error as error:
-                # Not acked means redelivered after ack_wait: at-least-once holds.
-                log.warning("Ack failed", stream_sequence=delivery.stream_sequence, error=str(error))
 
     async def _delete_forwarded(self, deliveries: Sequence[Delivery]) -> list[bool]:
         """Delete forwarded events from the stream; whether each is gone."""
@@ -834,24 +881,22 @@ class JetStream:
         name = config.durable_name
         assert name is not None
 
-        async def create() -> JetStreamContext.PullSubscription:
-            info = await self._context.add_consumer(stream, config)
-            replicas = info.config.num_replicas or self.config.replicas  # none given: the stream's, verified
-            if replicas < self.config.replicas:
-                raise StreamSetupError(
-                    f"nats.replicas: consumer {name!r} has {replicas} replicas, "
-                    f"{self.config.replicas} configured; the cluster did not apply them"
-                )
-            return await self._context.pull_subscribe_bind(durable=name, stream=stream)
-
         if not self.connected.value:
             raise NatsUnavailable("not connected to NATS")
         try:
             async with self._consumer_requests:
-                subscription = await aio_as_trio(create)()
+                info = await aio_as_trio(self._context.add_consumer)(stream, config)
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"cannot open consumer {name}: {error or type(error).__name__}") from error
-        return PullConsumer(self, stream, name, subscription)
+        replicas = info.config.num_replicas or self.config.replicas  # none given: the stream's, verified
+        if replicas < self.config.replicas:
+            raise StreamSetupError(
+                f"nats.replicas: consumer {name!r} has {replicas} replicas, "
+                f"{self.config.replicas} configured; the cluster did not apply them"
+            )
+        consumer = PullConsumer(self, stream, name, await self._requests_link())
+        await consumer._listen()
+        return consumer
 
 
 def with_configured_credentials(connected: ParseResult, url: str) -> ParseResult:
@@ -942,10 +987,9 @@ def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
 async def open_jetstream(config: NatsConfig, url: str, routed_domains: int) -> AsyncIterator[JetStream]:
     """Connect to NATS at ``url`` (retrying until it answers) and ensure the streams.
 
-    While open, a client that nats-py closes is replaced by a new connection
-    (``connection_number`` changes, so consumers are re-opened). On exit the
-    connection is drained (bounded by ``DRAIN_TIMEOUT_SECONDS``), so acks
-    already handed to nats-py reach the server.
+    While open, a client that nats-py closes is replaced by a new connection. On exit the
+    link is flushed and nats-py's connection drained (each bounded by
+    ``DRAIN_TIMEOUT_SECONDS``), so acks already sent reach the server.
     """
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(_log_asyncio_error)
@@ -960,6 +1004,8 @@ async def open_jetstream(config: NatsConfig, url: str, routed_domains: int) -> A
                 try:
                     yield jetstream
                 finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT_SECONDS):
+                        await jetstream._flush_link()
                     keeper.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT_SECONDS):

@@ -4,9 +4,11 @@ Publishing an event and deleting a forwarded one are a request each (a PUB or
 HPUB with a reply subject) and JetStream's one-message answer. Through nats-py
 on the trio-asyncio loop such a request cost ~0.5 ms of CPU, most of it asyncio
 callbacks each taking a trio step; spoken here in NATS's text protocol on a
-trio socket it costs ~0.2 ms (bench/RESULTS.md). nats-py keeps everything else:
-stream and consumer management, fetches, acks, and the connection state the
-service follows (``JetStream.connected``).
+trio socket it costs ~0.2 ms (bench/RESULTS.md). A consumer's pulls go over it
+too: a pull is a request whose replies (the messages, then maybe a status) come
+to an inbox of its own (``listen``), and an ack is a message with no reply
+(``publish``). nats-py keeps everything else: stream and consumer management,
+and the connection state the service follows (``JetStream.connected``).
 
 A link is one connection. It never reconnects: when it breaks every request
 waiting on it gets no answer, and ``JetStream`` opens another.
@@ -17,7 +19,8 @@ from __future__ import annotations
 import json
 import secrets
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import ParseResult, unquote
@@ -39,10 +42,16 @@ class LinkError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A reply message: its status header (``"503"`` for no responders) if it had one, and its data."""
+    """A message the link received: its status (``"503"`` for no responders) if it had one, its data.
+
+    ``reply_to`` is the subject it asks an answer on (a JetStream message's ack
+    subject), ``description`` the status's words (``"Consumer Deleted"``).
+    """
 
     status: str | None
     data: bytes
+    reply_to: bytes = b""
+    description: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +60,15 @@ class Request:
     payload: bytes
     headers: bytes | None = None  # a header_block(): built once by the caller, who may check its size
 
-    def encode(self, reply_to: bytes) -> bytes:
+    def encode(self, reply_to: bytes = b"") -> bytes:
+        """The PUB (HPUB with headers) command; with ``reply_to`` empty, one that asks no answer."""
         subject = self.subject.encode()
+        if reply_to:
+            subject += b" " + reply_to
         if self.headers is None:
-            return b"PUB %s %s %d\r\n%s\r\n" % (subject, reply_to, len(self.payload), self.payload)
-        return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+            return b"PUB %s %d\r\n%s\r\n" % (subject, len(self.payload), self.payload)
+        return b"HPUB %s %d %d\r\n%s%s\r\n" % (
             subject,
-            reply_to,
             len(self.headers),
             len(self.headers) + len(self.payload),
             self.headers,
@@ -114,6 +125,10 @@ class NatsLink:
         self._inbox = inbox
         self._next_token = 0
         self._waiting: dict[bytes, tuple[PendingReplies, int]] = {}
+        # The inboxes ``listen`` opened, by their subscription id (the replies' is 1).
+        self._listeners: dict[bytes, Callable[[Reply | None], None]] = {}
+        self._next_sid = 2
+        self._pongs_awaited: deque[trio.Event] = deque()  # the flushes' PINGs, in the order sent
         self.closed = False
 
     async def send_requests(self, requests: Sequence[Request]) -> PendingReplies:
@@ -134,6 +149,41 @@ class NatsLink:
             pending.collect()
             raise
         return pending
+
+    async def publish(self, messages: Sequence[Request], reply_to: bytes = b"") -> None:
+        """Send ``messages`` at once (one write), with no answer awaited; lost if the link breaks.
+
+        Answers to ``reply_to`` (an inbox of ``listen``), if given, go to its listener.
+        """
+        await self._send(b"".join(message.encode(reply_to) for message in messages))
+
+    async def flush(self) -> None:
+        """Until the server has read everything sent before (a PING's PONG), or the link ended."""
+        answered = trio.Event()
+        self._pongs_awaited.append(answered)
+        await self._send(b"PING\r\n")
+        await answered.wait()
+
+    async def listen(self, on_message: Callable[[Reply | None], None]) -> bytes:
+        """A new inbox subject: ``on_message`` is called with each message sent to it, and with None when the link ends.
+
+        Messages come in the order the server sent them; ``unlisten`` ends it.
+        """
+        sid = b"%d" % self._next_sid
+        self._next_sid += 1
+        subject = self._inbox + b"L" + sid
+        if self.closed:
+            on_message(None)
+            return subject
+        self._listeners[sid] = on_message
+        await self._send(b"SUB %s %s\r\n" % (subject, sid))  # a failed send closes the link, which tells on_message
+        return subject
+
+    async def unlisten(self, subject: bytes) -> None:
+        """Stop ``subject``'s messages (those on their way are dropped)."""
+        sid = subject.rpartition(b".L")[2]
+        if self._listeners.pop(sid, None) is not None:
+            await self._send(b"UNSUB %s\r\n" % sid)
 
     async def _send(self, data: bytes) -> None:
         if self.closed:
@@ -166,6 +216,11 @@ class NatsLink:
         waiting, self._waiting = self._waiting, {}
         for pending, index in waiting.values():
             pending._settle(index, None)
+        listeners, self._listeners = self._listeners, {}
+        for on_message in listeners.values():
+            on_message(None)
+        for answered in self._pongs_awaited:
+            answered.set()
         # Closing a trio stream is synchronous for sockets; an SSL stream's is not.
         transport = self._stream.transport_stream if isinstance(self._stream, trio.SSLStream) else self._stream
         assert isinstance(transport, trio.SocketStream)
@@ -180,9 +235,12 @@ class NatsLink:
                     await self._message(line)
                 elif line == b"PING":
                     await self._send(b"PONG\r\n")
+                elif line == b"PONG":
+                    if self._pongs_awaited:
+                        self._pongs_awaited.popleft().set()
                 elif line.startswith(b"-ERR"):
                     raise LinkError(f"the server said {line[5:].decode(errors='replace').strip()}")
-                # +OK, PONG and INFO (the cluster's servers changed) need nothing.
+                # +OK and INFO (the cluster's servers changed) need nothing.
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             if not self.closed:
                 raise
@@ -190,19 +248,29 @@ class NatsLink:
             self.close()
 
     async def _message(self, line: bytes) -> None:
+        # MSG <subject> <sid> [reply-to] <size>, HMSG <subject> <sid> [reply-to] <header size> <size>
         fields = line.split()
         with_headers = fields[0] == b"HMSG"
         size = int(fields[-1])
         header_size = int(fields[-2]) if with_headers else 0
         body = await self._exactly(size + 2)
-        status = None
+        status, description = None, ""
         if with_headers:
             first = body[: body.find(_CRLF)].split(maxsplit=2)
             status = first[1].decode() if len(first) > 1 else None
+            description = first[2].decode(errors="replace") if len(first) > 2 else ""
+        reply_to = fields[3] if len(fields) == (6 if with_headers else 5) else b""
+        reply = Reply(status, bytes(body[header_size:size]), reply_to, description)
+        sid = fields[2]
+        if sid != b"1":
+            on_message = self._listeners.get(sid)
+            if on_message is not None:
+                on_message(reply)
+            return
         waiting = self._waiting.pop(fields[1].rpartition(b".")[2], None)
         if waiting is not None:
             pending, index = waiting
-            pending._settle(index, Reply(status, bytes(body[header_size:size])))
+            pending._settle(index, reply)
 
     async def _line(self) -> bytes:
         while (end := self._buffer.find(_CRLF)) < 0:
