@@ -85,3 +85,20 @@ async def test_a_consumer_deleted_on_the_server_ends_the_waiting_fetch_with_an_e
                 nursery.start_soon(delete_once_pulling)
                 with pytest.raises(NatsUnavailable, match="409 Consumer Deleted"):
                     await consumer.fetch(16)
+
+
+async def test_acks_reach_the_server_though_nothing_answers_them(nats_server):
+    # Sent just before the connection closes (which flushes it first: over a network,
+    # closing a socket with unread data resets it and drops what it had yet to send).
+    config = make_config(nats_server.url, {DOMAIN: ["http://127.0.0.1:9/"]}).nats
+    async with open_jetstream(config, nats_server.url, 1) as jetstream:
+        await publish(jetstream, *(f"call-{n}" for n in range(3)))
+        consumer = await jetstream.open_consumer(DOMAIN, 16)
+        with trio.fail_after(10):
+            deliveries = await consumer.fetch(1)
+            deliveries += await consumer.fetch(16)
+        await jetstream.ack_batch(deliveries)
+
+    state = await nats_server.consumer_state(config.stream_name, consumer_name(DOMAIN))
+    assert len(deliveries) == 3
+    assert (state["num_ack_pending"], state["num_pending"], state["delivered"]["stream_seq"]) == (0, 0, 3)
