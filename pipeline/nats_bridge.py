@@ -48,12 +48,16 @@ from pipeline.streams import (
 log = structlog.get_logger(component="nats")
 
 # A consumer with nothing waiting long-polls for one message this long; one with
-# a backlog takes a batch of what is waiting then.
+# a backlog asks for a batch, which ends once full or after the window. (Not a
+# no_wait pull: at max_ack_pending the server leaves those unanswered.)
 IDLE_FETCH_SECONDS = 5.0
-# The status messages that end a pull: nothing waiting (a batch of what is there
-# now), the long poll expired; a heartbeat ends nothing.
+BATCH_WINDOW_SECONDS = 0.005
+# The status messages that end a pull: nothing waiting, the pull expired, a
+# conflict (fatal when the consumer was deleted); a heartbeat ends nothing.
 _NO_MESSAGES = "404"
 _PULL_EXPIRED = "408"
+_PULL_CONFLICT = "409"
+_CONSUMER_DELETED = "Consumer Deleted"
 _HEARTBEAT = "100"
 DRAIN_TIMEOUT_SECONDS = 5.0
 RECONNECT_WAIT_SECONDS = 1.0
@@ -249,11 +253,14 @@ class PullConsumer:
         elif message.status is None:
             self._arrived.append(message)
             self._pull_left = max(self._pull_left - 1, 0)
-        elif message.status in (_NO_MESSAGES, _PULL_EXPIRED):
+        elif message.status in (_NO_MESSAGES, _PULL_EXPIRED) or (
+            # A leader changed, too many pulls waiting, ...: this pull ended, not the consumer.
+            message.status == _PULL_CONFLICT and message.description != _CONSUMER_DELETED
+        ):
             self._pull_left = 0
         elif message.status == _HEARTBEAT:
             return
-        else:  # 409: the consumer deleted, a leader changed, ...
+        else:  # the consumer deleted, no such consumer (503: nothing answers its pulls), ...
             self._pull_left = 0
             self._failure = f"pull refused: {message.status} {message.description}".strip()
         self._changed.set()
@@ -295,17 +302,14 @@ class PullConsumer:
         return deliveries
 
     async def _pull(self, max_messages: int) -> None:
-        # With messages known to be waiting, a batch of those there now; otherwise one
+        # With messages known to be waiting, a batch, within the window; otherwise one
         # message, as soon as it is stored, or an expiry after a few seconds.
         if self._failure is not None:
             raise NatsUnavailable(f"fetch failed: {self._failure}")
-        timeout = self._js.config.publish_timeout_seconds
-        if self.more_waiting:
-            self._pull_left, request = max_messages, b'{"batch":%d,"no_wait":true}' % max_messages
-        else:
-            self._pull_left, request = 1, b'{"batch":1,"expires":%d}' % (IDLE_FETCH_SECONDS * 1e9)
-            timeout += IDLE_FETCH_SECONDS
-        self._pull_deadline = trio.current_time() + timeout
+        batch, expires = (max_messages, BATCH_WINDOW_SECONDS) if self.more_waiting else (1, IDLE_FETCH_SECONDS)
+        self._pull_left = batch
+        self._pull_deadline = trio.current_time() + expires + self._js.config.publish_timeout_seconds
+        request = b'{"batch":%d,"expires":%d}' % (batch, expires * 1e9)
         await self._link.publish([Request(self._next_subject, request)], reply_to=self._inbox)
 
     async def drained(self) -> bool:

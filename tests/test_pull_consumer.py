@@ -11,7 +11,7 @@ from trio_asyncio import aio_as_trio
 
 from pipeline import nats_bridge
 from pipeline.events import consumer_name, parse_event
-from pipeline.nats_bridge import JetStream, NatsUnavailable, open_jetstream
+from pipeline.nats_bridge import JetStream, NatsUnavailable, domain_consumer_config, open_jetstream
 from tests.harness import call_event, make_config
 
 DOMAIN = "pull.example.vn"
@@ -102,3 +102,26 @@ async def test_acks_reach_the_server_though_nothing_answers_them(nats_server):
     state = await nats_server.consumer_state(config.stream_name, consumer_name(DOMAIN))
     assert len(deliveries) == 3
     assert (state["num_ack_pending"], state["num_pending"], state["delivered"]["stream_seq"]) == (0, 0, 3)
+
+
+async def test_a_consumer_at_its_max_ack_pending_fetches_nothing_until_acks_free_room(nats_server):
+    # A dead backend's events wait out ack_wait unacknowledged; at max_ack_pending
+    # the server delivers no more, and answers a pull that asked for no waiting not
+    # at all: such a fetch must come back empty, not fail and re-open the consumer.
+    config = make_config(nats_server.url, {DOMAIN: ["http://127.0.0.1:9/"]}, nats={"publish_timeout_seconds": 1}).nats
+    async with open_jetstream(config, nats_server.url, 1) as jetstream:
+        sequences = await publish(jetstream, *(f"call-{n}" for n in range(4)))
+        limited = domain_consumer_config(config, DOMAIN, 16)
+        limited.max_ack_pending = 2
+        consumer = await jetstream._open(config.stream_name, limited)
+        with trio.fail_after(10):
+            taken = await consumer.fetch(1)
+            taken += await consumer.fetch(16)
+            held_back = await consumer.fetch(16)
+            await jetstream.ack_batch(taken)
+            rest = await consumer.fetch(16)
+            rest += await consumer.fetch(16)
+
+        assert [delivery.stream_sequence for delivery in taken] == sequences[:2]
+        assert held_back == []
+        assert [delivery.stream_sequence for delivery in rest] == sequences[2:]
