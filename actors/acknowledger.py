@@ -21,10 +21,10 @@ class Acknowledger:
     """Acknowledges deliveries whose event reached every endpoint.
 
     In: ``Delivery`` from every forwarder (each holds a clone of the send end).
-    Out: acks to JetStream and deletions of events forwarded from the ingress,
-    all that are waiting in one send over the NATS link. Returns when every
-    forwarder has closed its end and the last acks are sent, which the NATS
-    bridge flushes as it closes. Back-pressure: the bounded inbox.
+    Out: acks to JetStream (all that are waiting in one write over the NATS
+    link) and deletions of events forwarded from the ingress (in one more).
+    Returns when every forwarder has closed its end and the last acks are
+    sent, which the NATS bridge flushes as it closes. Back-pressure: the bounded inbox.
     """
 
     def __init__(self, jetstream: JetStream, deliveries: trio.MemoryReceiveChannel[Delivery]) -> None:
