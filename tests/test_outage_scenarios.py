@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import trio
 
+from pipeline.events import consumer_name
 from tests.conftest import OpenedJetStream, StartBackend
 from tests.harness import NatsServer, call_event, make_config, running_service, wait_for_api
+
+STREAM = "test-signals"
 
 
 async def test_nats_outage_fails_posts_and_health_then_recovers(
@@ -124,3 +130,39 @@ async def test_a_closed_nats_client_is_rebuilt_and_delivery_resumes(
             # "before" may come again: its ack can have been cut off by the close.
             await backend.count.wait_value(lambda _: {"after-1", "after-2"} <= {b["call_id"] for b in backend.bodies()})
     assert {b["call_id"] for b in backend.bodies()} == {"after-1", "after-2", "before"}
+
+
+async def test_an_event_waiting_for_its_redelivery_comes_again_once_the_server_is_back(
+    nats_server: NatsServer, start_backend: StartBackend, nursery: trio.Nursery
+):
+    # Its domain's consumer pulls over the service's own NATS connection; when the
+    # server goes away that connection breaks, and the consumer must open again on the next.
+    flaky = await start_backend(lambda number, body: 500 if number == 1 else 200)
+    config = make_config(
+        nats_server.url, {"again.vn": [flaky.url]}, nats={"ack_wait_seconds": 3}, forwarding={"timeout_seconds": 2}
+    )
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            assert (await service.post_event(call_event("again.vn", "again-1"))).status_code == 202
+            await flaky.wait_count(1)
+            # The failed attempt opened the consumer; its first delivery stands for that attempt.
+            await _wait_nats(
+                nats_server,
+                lambda consumers, _: consumers.get(consumer_name("again.vn"), {}).get("num_ack_pending") == 1,
+            )
+
+            nats_server.stop()
+            await wait_for_api(service, "/health", lambda r: r.status_code == 503)
+            await nursery.start(nats_server.run)
+            await wait_for_api(service, "/health", lambda r: r.status_code == 200)
+            await flaky.wait_count(2)
+            await _wait_nats(nats_server, lambda _, messages: messages == 0)
+    assert flaky.attempts_of("again-1") == [1, 2]
+
+
+async def _wait_nats(nats_server: NatsServer, holds: Callable[[dict[str, dict[str, Any]], int], bool]) -> None:
+    """Poll the server's monitoring endpoint until ``holds(consumers by name, messages)`` for the event stream."""
+    while True:
+        if holds(await nats_server.consumers(STREAM), await nats_server.stream_messages(STREAM)):
+            return
+        await trio.sleep(0.05)
