@@ -213,13 +213,11 @@ class Delivery:
                 self.handle.on_settled(False, False)
 
 
+@dataclass(frozen=True, slots=True)
 class FromConsumer:
     """The handle of a delivery a consumer made: acked by a message to its ``ack_subject``."""
 
-    __slots__ = ("ack_subject",)
-
-    def __init__(self, ack_subject: bytes) -> None:
-        self.ack_subject = ack_subject
+    ack_subject: bytes
 
 
 class PullConsumer:

@@ -159,6 +159,8 @@ class NatsLink:
 
     async def flush(self) -> None:
         """Until the server has read everything sent before (a PING's PONG), or the link ended."""
+        if self.closed:
+            return
         answered = trio.Event()
         self._pongs_awaited.append(answered)
         await self._send(b"PING\r\n")
