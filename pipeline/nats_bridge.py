@@ -445,8 +445,13 @@ class JetStream:
         started = False
         while True:
             await self.connected.wait_value(True)
-            assert self._client.connected_url is not None
-            server = with_configured_credentials(self._client.connected_url, url)
+            connected_url = self._client.connected_url
+            if connected_url is None:
+                # nats-py lost its server and has not said so yet (it does once its old
+                # transport is closed): no server to open the link to for now.
+                await trio.sleep(RECONNECT_WAIT_SECONDS)
+                continue
+            server = with_configured_credentials(connected_url, url)
             try:
                 async with open_nats_link(server, "telephony-forwarder", CONNECT_TIMEOUT_SECONDS) as link:
                     self._link.value = link
