@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,12 +13,32 @@ import trio
 
 from actors.stats import ForwardOutcome, rfc3339
 from pipeline.events import describe, subject_domain
-from pipeline.nats_bridge import Delivery, JetStream, PullConsumer, keep_consuming
+from pipeline.nats_bridge import (
+    DeadLetter,
+    Delivery,
+    EventTooLarge,
+    JetStream,
+    PullConsumer,
+    StoredMessage,
+    keep_consuming,
+)
 
 log = structlog.get_logger(component="dead-letters")
 
-# Advisories filed per fetch; each costs a few bridge crossings.
+# Advisories filed per fetch: each step (read the events, store the letters, delete the
+# events) is one send over the NATS link for all of them.
 MAX_BATCH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Letter:
+    """A dead letter being filed, with the advisory that asked for it and what its log line says."""
+
+    advisory: Delivery
+    stored: DeadLetter
+    fields: dict[str, Any]
+    deliveries: int | None
+    errors: dict[str, str] | None
 
 
 class DeadLetterWriter:
@@ -57,23 +78,70 @@ class DeadLetterWriter:
     async def _file_forever(self) -> None:
         async def file_batch(consumer: PullConsumer) -> None:
             advisories = await consumer.fetch(MAX_BATCH)
-            filed = [advisory for advisory in advisories if await self._file(advisory)]
+            filed = await self._file(advisories)
             if filed:
                 await self._jetstream.ack_batch(filed)
 
         await keep_consuming(self._jetstream, self._jetstream.open_advisory_consumer, file_batch)
 
-    async def _file(self, advisory: Delivery) -> bool:
-        """File one advisory's event; True when the advisory is done with."""
-        try:
-            notice = json.loads(advisory.data)
-            sequence = int(notice["stream_seq"])
-        except (ValueError, KeyError, TypeError):
-            log.error("Ignoring an unreadable advisory", data=advisory.data[:200].decode(errors="replace"))
-            return True
-        stored = await self._jetstream.stored_event(sequence)
-        if stored is None:
-            return True  # acknowledged after all, or filed already
+    async def _file(self, advisories: list[Delivery]) -> list[Delivery]:
+        """File the advisories' events, each step for all of them at once; the advisories done with.
+
+        An advisory is done with once its event is filed and deleted, or is no
+        longer in the stream, or when it cannot be read; any other is left for
+        JetStream to deliver again. Raises ``NatsUnavailable`` when NATS does not
+        answer (the batch then comes again).
+        """
+        notices: dict[int, tuple[Delivery, dict[str, Any]]] = {}  # by the event's sequence
+        done: list[Delivery] = []
+        for advisory in advisories:
+            try:
+                notice = json.loads(advisory.data)
+                notices[int(notice["stream_seq"])] = (advisory, notice)
+            except (ValueError, KeyError, TypeError):
+                log.error("Ignoring an unreadable advisory", data=advisory.data[:200].decode(errors="replace"))
+                done.append(advisory)
+        letters: list[_Letter] = []
+        stored_events = await self._jetstream.stored_events(list(notices)) if notices else []
+        for (sequence, (advisory, notice)), stored in zip(notices.items(), stored_events, strict=True):
+            if stored is None:
+                done.append(advisory)  # acknowledged after all, or filed already
+            elif isinstance(stored, Exception):
+                raise stored  # NATS is out of reach: the batch comes again
+            else:
+                letters.append(self._letter(advisory, notice, sequence, stored))
+        filed: list[_Letter] = []
+        outcomes = await self._jetstream.dead_letters([letter.stored for letter in letters]) if letters else []
+        for letter, failure in zip(letters, outcomes, strict=True):
+            if failure is None:
+                filed.append(letter)
+            elif isinstance(failure, EventTooLarge):
+                # Its event waits in the stream, and its advisory comes again after ack_wait.
+                log.error(
+                    "Cannot keep a given-up event as a dead letter: too large",
+                    stream_sequence=letter.stored.stream_sequence,
+                    error=str(failure),
+                )
+            else:
+                raise failure  # not stored: the batch comes again, and filing twice is deduplicated
+        deleted = (
+            await self._jetstream.delete_events([letter.stored.stream_sequence for letter in filed]) if filed else []
+        )
+        for letter, gone in zip(filed, deleted, strict=True):
+            if not gone:
+                continue  # filed: its advisory comes again, and filing twice is deduplicated
+            log.error(
+                "Event given up after last delivery attempt; kept as a dead letter",
+                **letter.fields,
+                delivery_attempt=letter.deliveries,
+                errors=letter.errors,
+                stream_sequence=letter.stored.stream_sequence,
+            )
+            done.append(letter.advisory)
+        return done
+
+    def _letter(self, advisory: Delivery, notice: dict[str, Any], sequence: int, stored: StoredMessage) -> _Letter:
+        """The dead letter of the event stored at ``sequence``, which ``advisory`` says was given up."""
         domain = subject_domain(self._jetstream.config.subject_pattern, stored.subject) or ""
         try:
             event: Any = json.loads(stored.data)
@@ -83,6 +151,7 @@ class DeadLetterWriter:
         event_id = str(fields.get("event_id") or f"seq-{sequence}")
         last = self._last_failure(domain, sequence)
         failed_at = last.at if last is not None else datetime.now(UTC)
+        errors = last.errors if last is not None else None
         envelope = {
             "event_id": event_id,
             "domain": domain,
@@ -91,16 +160,8 @@ class DeadLetterWriter:
             "delivery_attempts": notice.get("deliveries"),
             # None when the last attempt was cut short (crash, shutdown, route
             # removed) or another instance made it: its errors were not seen here.
-            "errors": last.errors if last is not None else None,
+            "errors": errors,
             "event": event,
         }
-        await self._jetstream.dead_letter(domain, event_id, sequence, json.dumps(envelope, allow_nan=False).encode())
-        await self._jetstream.delete_event(sequence)
-        log.error(
-            "Event given up after last delivery attempt; kept as a dead letter",
-            **fields,
-            delivery_attempt=notice.get("deliveries"),
-            errors=envelope["errors"],
-            stream_sequence=sequence,
-        )
-        return True
+        stored_letter = DeadLetter(domain, event_id, sequence, json.dumps(envelope, allow_nan=False).encode())
+        return _Letter(advisory, stored_letter, fields, notice.get("deliveries"), errors)

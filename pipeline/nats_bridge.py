@@ -11,6 +11,7 @@ the stream for the API and follows the connection's state.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 from collections import deque
@@ -80,6 +81,7 @@ _DELETED = b'{"type":"io.nats.jetstream.api.v1.stream_msg_delete_response","succ
 # JetStream's answers to deleting a message that is not (or no longer) in the stream.
 _ERR_SEQUENCE_NOT_FOUND = 10043
 _NO_MESSAGE_FOUND = "no message found"
+_ERR_NO_MESSAGE = 10037  # reading a stored message: "no message found"
 # JetStream's refusal of a publish because a limit is reached: "maximum
 # messages per subject exceeded", "maximum bytes exceeded", ...
 _ERR_STREAM_LIMIT = 10077
@@ -156,6 +158,16 @@ class StoredMessage:
     sequence: int
     stored_at: datetime
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event that used up its deliveries, as the dead-letter stream keeps it."""
+
+    domain: str
+    event_id: str
+    stream_sequence: int  # where the event stream held it: what deduplicates filing it twice
+    envelope: bytes  # the dead letter's JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -748,32 +760,67 @@ class JetStream:
         except _NATS_ERRORS as error:
             raise NatsUnavailable(f"cannot read the stream: {error or type(error).__name__}") from error
 
-    async def dead_letter(self, domain: str, event_id: str, stream_sequence: int, envelope: bytes) -> None:
-        """Store an event that used up its deliveries in the dead-letter stream.
+    async def dead_letters(self, letters: Sequence[DeadLetter]) -> list[Exception | None]:
+        """Store events that used up their deliveries in the dead-letter stream, together over the link;
+        for each, None once stored (or stored before), else what went wrong.
 
-        Deduplicated by the stored message it came from, so filing it twice is
+        Deduplicated by the stored message each came from, so filing one twice is
         harmless and a replayed event that fails again becomes a new dead letter.
         """
-
-        async def publish() -> None:
-            await self._context.publish(
-                self.streams.dead_letter_subject(domain, event_id),
-                envelope,
-                headers={"Nats-Msg-Id": f"dead:{self.config.stream_name}:{stream_sequence}"},
-            )
-
         try:
-            await aio_as_trio(publish)()
-        except _NATS_ERRORS as error:
-            raise NatsUnavailable(f"cannot store the dead letter: {error or type(error).__name__}") from error
+            link = await self._requests_link()
+        except NatsUnavailable as unavailable:
+            return [unavailable for _ in letters]
+        results: list[Exception | None] = []
+        requests: list[Request] = []
+        for letter in letters:
+            headers = header_block({"Nats-Msg-Id": f"dead:{self.config.stream_name}:{letter.stream_sequence}"})
+            limit = link.max_payload - len(headers)
+            if len(letter.envelope) > limit:
+                results.append(EventTooLarge(len(letter.envelope), limit))
+            else:
+                results.append(None)
+                subject = self.streams.dead_letter_subject(letter.domain, letter.event_id)
+                requests.append(Request(subject, letter.envelope, headers))
+        receipts = iter(self._publish_outcome(reply) for reply in await self._request_all(link, requests))
+        for index, result in enumerate(results):
+            if result is None and isinstance(receipt := next(receipts), Exception):
+                results[index] = receipt
+        return results
 
     async def find_dead_letter(self, letter_id: int) -> StoredMessage | None:
         """The dead letter ``letter_id`` (its sequence in the dead-letter stream), if there is one."""
         return await self._stored(self.streams.dead_letters, letter_id)
 
-    async def stored_event(self, sequence: int) -> StoredMessage | None:
-        """The event stored at ``sequence`` in the event stream, if it is still there."""
-        return await self._stored(self.config.stream_name, sequence)
+    async def stored_events(self, sequences: Sequence[int]) -> list[StoredMessage | Exception | None]:
+        """The events stored at ``sequences`` in the event stream, read together over the link;
+        None for one no longer there, the error for one that could not be read."""
+        try:
+            link = await self._requests_link()
+        except NatsUnavailable as unavailable:
+            return [unavailable for _ in sequences]
+        subject = f"{api.DEFAULT_PREFIX}.STREAM.MSG.GET.{self.config.stream_name}"
+        replies = await self._request_all(link, [Request(subject, b'{"seq":%d}' % sequence) for sequence in sequences])
+        return [self._stored_message(reply) for reply in replies]
+
+    @staticmethod
+    def _stored_message(reply: Reply | None) -> StoredMessage | Exception | None:
+        """JetStream's answer to reading a stored message: the message, None when there is none, or the error."""
+        if reply is None:
+            return NatsUnavailable("no answer to reading a stored event")
+        try:
+            answer = json.loads(reply.data)
+            error = answer.get("error")
+            if error is not None:
+                if error.get("err_code") == _ERR_NO_MESSAGE or error.get("description") == _NO_MESSAGE_FOUND:
+                    return None
+                return NatsUnavailable(f"cannot read a stored event: {error.get('description')}")
+            # Read as nats-py's get_msg reads it (its time with nanoseconds, its data in base64).
+            message = api.RawStreamMsg.from_response(answer["message"])
+            data = base64.b64decode(message.data) if message.data else b""
+            return StoredMessage(message.subject or "", int(message.seq or 0), message.time or datetime.now(UTC), data)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return NatsUnavailable("JetStream answered a read with something unreadable")
 
     async def _stored(self, stream: str, sequence: int) -> StoredMessage | None:
         async def find() -> StoredMessage | None:
@@ -790,10 +837,6 @@ class JetStream:
 
     async def delete_dead_letter(self, sequence: int) -> None:
         await self._delete(self.streams.dead_letters, sequence)
-
-    async def delete_event(self, sequence: int) -> None:
-        """Remove an event from the work queue (it became a dead letter)."""
-        await self._delete(self.config.stream_name, sequence)
 
     async def _delete(self, stream: str, sequence: int) -> None:
         try:
@@ -826,31 +869,29 @@ class JetStream:
         from_ingress = [delivery for delivery in deliveries if isinstance(delivery.handle, FromIngress)]
         if not from_ingress:
             return
-        removed = await self._delete_forwarded(from_ingress)
+        removed = await self.delete_events([delivery.stream_sequence for delivery in from_ingress])
         for delivery, gone in zip(from_ingress, removed, strict=True):
             assert isinstance(delivery.handle, FromIngress)
             delivery.handle.on_settled(True, gone)
 
-    async def _delete_forwarded(self, deliveries: Sequence[Delivery]) -> list[bool]:
-        """Delete forwarded events from the stream; whether each is gone."""
+    async def delete_events(self, sequences: Sequence[int]) -> list[bool]:
+        """Delete events from the event stream, together over the link; whether each is gone."""
         try:
             link = await self._requests_link()
         except NatsUnavailable as error:
-            log.warning("Cannot delete forwarded events", events=len(deliveries), error=str(error))
-            return [False for _ in deliveries]
+            log.warning("Cannot delete events", events=len(sequences), error=str(error))
+            return [False for _ in sequences]
         # nats-py's delete_msg has the server overwrite the message first; no need.
         subject = f"{api.DEFAULT_PREFIX}.STREAM.MSG.DELETE.{self.config.stream_name}"
-        requests = [
-            Request(subject, b'{"seq":%d,"no_erase":true}' % delivery.stream_sequence) for delivery in deliveries
-        ]
+        requests = [Request(subject, b'{"seq":%d,"no_erase":true}' % sequence) for sequence in sequences]
         replies = await self._request_all(link, requests)
-        return [self._deleted(delivery, reply) for delivery, reply in zip(deliveries, replies, strict=True)]
+        return [self._deleted(sequence, reply) for sequence, reply in zip(sequences, replies, strict=True)]
 
     @staticmethod
-    def _deleted(delivery: Delivery, answer: Reply | None) -> bool:
-        """Whether JetStream's answer to deleting ``delivery``'s event says it is gone."""
+    def _deleted(sequence: int, answer: Reply | None) -> bool:
+        """Whether JetStream's answer to deleting the event at ``sequence`` says it is gone."""
         if answer is None:
-            log.warning("No answer to deleting a forwarded event", stream_sequence=delivery.stream_sequence)
+            log.warning("No answer to deleting an event", stream_sequence=sequence)
             return False
         if answer.data == _DELETED:
             return True
@@ -862,9 +903,7 @@ class JetStream:
             return True
         if error.get("err_code") == _ERR_SEQUENCE_NOT_FOUND or error.get("description") == _NO_MESSAGE_FOUND:
             return True  # already gone
-        log.warning(
-            "Cannot delete a forwarded event", stream_sequence=delivery.stream_sequence, error=error.get("description")
-        )
+        log.warning("Cannot delete an event", stream_sequence=sequence, error=error.get("description"))
         return False
 
     async def open_consumer(self, domain: str, max_in_flight: int) -> PullConsumer:
