@@ -11,6 +11,10 @@ Run from the project root (wrk from Debian's package: found on the PATH, or inst
     python bench/run.py --only tenants                 # 100, 1,000 and 10,000 routed domains
     python bench/run.py --only tenants --tenants 100 300 --runs 1 --seconds 3
 
+``given_up`` sends ``GIVEN_UP_RATE`` events/s to a domain whose backend never
+answers, with a short timeout, ack_wait and one delivery, and waits until each
+is a dead letter: the CPU an event costs when its tenant's backend is dead.
+
 ``tenants`` (issue 15, bench/tenants.py says what it measures) runs only when
 named in ``--only`` or given sizes with ``--tenants``: it takes minutes per
 size. For each tenant count it prints its own table, one column per count.
@@ -45,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,10 +84,14 @@ SCENARIOS = (
     "fixed_rate",
     "isolation",
     "isolation_100",
+    "given_up",
     "tenants",
 )
 # The isolation scenarios: events spread over this many domains, then the same with one more that hangs.
 ISOLATION_DOMAINS = {"isolation": 20, "isolation_100": 100}
+# given_up: events/s to a domain whose backend never answers, each given up after one attempt.
+GIVEN_UP_RATE = 100
+GIVEN_UP_CONFIG = {"forwarding": {"timeout_seconds": 0.5}, "nats": {"ack_wait_seconds": 1, "max_deliveries": 1}}
 # They start no service: run once per round, the same runs in both columns of an A/B.
 WITHOUT_SERVICE = ("sink_ceiling", "baseline", "baseline_paced")
 # Run only when asked for by name (or, for tenants, by --tenants): they take minutes.
@@ -194,6 +203,32 @@ def fixed_rate(
     return result
 
 
+def given_up(work: Path, seconds: float, processes: list, extra: dict) -> dict:
+    """``GIVEN_UP_RATE`` events/s to a domain whose backend never answers: each is tried once, times
+    out, and is filed as a dead letter. CPU an event from its POST to its dead letter."""
+    stuck = start_sink(processes, hang=True)
+    service = start_service(work, {"stuck.example.vn": [stuck.url]}, processes, merged(GIVEN_UP_CONFIG, extra))
+    meter = proctree.CpuMeter(service.pid)
+    load = paced(service.url, GIVEN_UP_RATE, seconds, ["stuck.example.vn"])
+    end = time.monotonic() + 120
+    filed = 0
+    while filed < load["accepted"] and time.monotonic() < end:
+        time.sleep(0.2)
+        with urllib.request.urlopen(f"{service.url}/api/dead-letters?limit=1") as answer:
+            filed = json.load(answer)["total"]
+    result = {
+        "rate": GIVEN_UP_RATE,
+        "accepted": load["accepted"],
+        "accepted_per_s": round(GIVEN_UP_RATE * load["accepted"] / max(load["sent"], 1), 1),
+        "dead_letters": filed,  # all accepted, unless they took over 120 s to file
+        "post_p99_ms": round(load["post_p99_ms"], 2),
+        **tree_figures(service, meter, load["accepted"]),
+    }
+    stop(service.process)
+    stop(stuck.process)
+    return result
+
+
 def memory(work: Path, events: int, processes: list, extra: dict) -> dict:
     sinks = [start_sink(processes), start_sink(processes)]
     names = [f"tenant-{n}.example.vn" for n in range(50)]
@@ -255,6 +290,8 @@ def run_scenario(name: str, work: Path, args: argparse.Namespace, processes: lis
             f"{name}_without_hang": fixed_rate(work / "without", args.seconds, args.rate, domains, processes, extra),
             f"{name}_with_hang": fixed_rate(work / "with", args.seconds, args.rate, domains, processes, extra, True),
         }
+    if name == "given_up":
+        return {name: given_up(work, args.seconds, processes, extra)}
     if name == "memory":
         return {name: memory(work, args.memory_events, processes, extra)}
     if name == "tenants":
