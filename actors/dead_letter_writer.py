@@ -12,8 +12,9 @@ import structlog
 import trio
 
 from actors.stats import ForwardOutcome, rfc3339
-from pipeline.events import describe, subject_domain
+from pipeline.events import describe, event_json, parse_strict_json, subject_domain
 from pipeline.nats_bridge import (
+    DEAD_LETTER_ROOM,
     DeadLetter,
     Delivery,
     EventTooLarge,
@@ -28,6 +29,11 @@ log = structlog.get_logger(component="dead-letters")
 # Advisories filed per fetch: each step (read the events, store the letters, delete the
 # events) is one send over the NATS link for all of them.
 MAX_BATCH = 64
+# What a dead letter may add around its event: the ingress keeps DEAD_LETTER_ROOM of NATS's
+# max_payload for it, half of that for the letter's headers.
+MAX_LETTER_OVERHEAD = DEAD_LETTER_ROOM // 2
+# A longer call_id is cut in the letter's own fields (the event keeps it whole).
+MAX_CALL_ID_SHOWN = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +150,7 @@ class DeadLetterWriter:
         """The dead letter of the event stored at ``sequence``, which ``advisory`` says was given up."""
         domain = subject_domain(self._jetstream.config.subject_pattern, stored.subject) or ""
         try:
-            event: Any = json.loads(stored.data)
+            event: Any = parse_strict_json(stored.data)
         except ValueError:
             event = stored.data.decode(errors="replace")
         fields = (describe(event) if isinstance(event, dict) else {}) | {"domain": domain}
@@ -152,7 +158,7 @@ class DeadLetterWriter:
         last = self._last_failure(domain, sequence)
         failed_at = last.at if last is not None else datetime.now(UTC)
         errors = last.errors if last is not None else None
-        envelope = {
+        letter_fields = {
             "event_id": event_id,
             "domain": domain,
             "call_id": fields.get("call_id"),
@@ -161,7 +167,30 @@ class DeadLetterWriter:
             # None when the last attempt was cut short (crash, shutdown, route
             # removed) or another instance made it: its errors were not seen here.
             "errors": errors,
-            "event": event,
         }
-        stored_letter = DeadLetter(domain, event_id, sequence, json.dumps(envelope, allow_nan=False).encode())
+        envelope = _envelope(letter_fields, event)
+        if len(envelope) - len(stored.data) > MAX_LETTER_OVERHEAD:
+            # A long call_id (repeated from the event) or many long errors: shortened, so that
+            # every event accepted fits in its dead letter. The event is kept whole, the errors
+            # are in the log line below.
+            letter_fields["call_id"] = _shortened(letter_fields["call_id"])
+            if errors:
+                letter_fields["errors"] = {"(all endpoints)": f"{len(errors)} failed; their errors are in the log"}
+            envelope = _envelope(letter_fields, event)
+        stored_letter = DeadLetter(domain, event_id, sequence, envelope)
         return _Letter(advisory, stored_letter, fields, notice.get("deliveries"), errors)
+
+
+def _envelope(letter_fields: dict[str, Any], event: Any) -> bytes:
+    """The dead letter's JSON: its own fields, then the event, compact as the stream stores it."""
+    head = json.dumps(letter_fields, separators=(",", ":"), allow_nan=False).encode()
+    try:
+        body = event_json(event) if isinstance(event, dict) else json.dumps(event, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # an unpaired surrogate (stored by an older version): JSON escapes it
+        body = json.dumps(event, separators=(",", ":")).encode()
+    return b'%b,"event":%b}' % (head[:-1], body)
+
+
+def _shortened(call_id: Any) -> Any:
+    shown = call_id if isinstance(call_id, str) else json.dumps(call_id, ensure_ascii=False)
+    return call_id if len(shown) <= MAX_CALL_ID_SHOWN else f"{shown[:MAX_CALL_ID_SHOWN]}… (see the event)"

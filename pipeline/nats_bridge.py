@@ -78,6 +78,9 @@ ADVISORY_ACK_WAIT_SECONDS = 30.0
 MAX_UNROUTED_LOOKUPS = 50
 # JetStream's answer to deleting a message, read without parsing when it is this one.
 _DELETED = b'{"type":"io.nats.jetstream.api.v1.stream_msg_delete_response","success":true}'
+# Of NATS's max_payload, what an event stored leaves for what its dead letter adds around
+# it (the letter's own fields, its headers): every event accepted can be kept as a dead letter.
+DEAD_LETTER_ROOM = 2048
 # JetStream's answers to deleting a message that is not (or no longer) in the stream.
 _ERR_SEQUENCE_NOT_FOUND = 10043
 _NO_MESSAGE_FOUND = "no message found"
@@ -632,7 +635,7 @@ class JetStream:
         for event in events:
             headers = header_block({"Nats-Msg-Id": event.message_id or event_key(event.domain, event.event_id)})
             # The server counts the headers against max_payload and closes the connection for a message over it.
-            limit = link.max_payload - len(headers)
+            limit = link.max_payload - len(headers) - DEAD_LETTER_ROOM
             if len(event.payload) > limit:
                 results.append(EventTooLarge(len(event.payload), limit))
             else:

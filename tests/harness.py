@@ -486,6 +486,19 @@ class RunningService:
     async def post_event(self, event: dict[str, Any]) -> httpx.Response:
         return await self.client.post(f"{self.url}/events", json=event)
 
+    async def post_sized(self, domain: str, call_id: str, size: int, **fields: Any) -> httpx.Response:
+        """POST an event whose body, as the service stores it (compact JSON), is ``size`` bytes (a ``padding``
+        field fills it)."""
+        event = call_event(domain, call_id, **fields, padding="")
+        event["padding"] = "x" * (size - len(_compact(event)))
+        body = _compact(event)
+        assert len(body) == size
+        return await self.client.post(f"{self.url}/events", content=body, headers={"Content-Type": "application/json"})
+
+
+def _compact(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, separators=(",", ":")).encode()
+
 
 @asynccontextmanager
 async def running_service(

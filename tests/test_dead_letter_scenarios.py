@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import trio
 
 from tests.conftest import StartBackend
@@ -143,3 +145,26 @@ async def test_flapping_and_slow_backends_leave_no_event_stuck(nats_server, star
             ).json()
             await wait_for_api(service, "/api/stream/messages", lambda r: r.json()["total"] == 0)
     print(f"flapping: 40 sent, {stats.json()['total_successful']} delivered, {letters['total']} dead-lettered")
+
+
+async def test_the_largest_event_accepted_can_still_be_kept_as_a_dead_letter(nats_server, start_backend: StartBackend):
+    # A dead letter wraps its event (with its call_id repeated and each endpoint's
+    # error); wrapped, the largest events accepted were over NATS's max_payload, so
+    # they were never filed and stayed in the stream for good.
+    down = await start_backend(lambda number, body: 503)
+    config = make_config(nats_server.url, {"big.vn": [down.url]}, nats={"max_deliveries": 1})
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            limit = (await service.post_sized("big.vn", "probe", 1_048_500)).json()["limit_bytes"]
+            call_id = "c" * 20_000
+            largest = await service.post_sized("big.vn", call_id, limit, event_id="largest")
+            assert largest.status_code == 202, largest.text
+            letters = (await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 1)).json()
+            await wait_for_api(service, "/api/stream/messages", lambda r: r.json()["total"] == 0)
+    [letter] = letters["dead_letters"]
+    assert letter["event_id"] == "largest" and letter["event"]["call_id"] == call_id
+    # Too long to repeat beside the event: the letter's own call_id is cut, its errors counted.
+    assert letter["call_id"] == f"{call_id[:256]}… (see the event)"
+    assert letter["errors"] == {"(all endpoints)": "1 failed; their errors are in the log"}
+    assert len(json.dumps(letter["event"], separators=(",", ":"))) == limit
+    assert down.attempts_of(call_id) == [1]
