@@ -125,7 +125,8 @@ class StreamRefused(Exception):
 
 
 class EventTooLarge(Exception):
-    """An event NATS cannot carry: with its headers it is over the server's ``max_payload``."""
+    """An event (or a dead letter) NATS cannot carry: with its headers, and for an event the room
+    its dead letter would need, it is over the server's ``max_payload``."""
 
     def __init__(self, size: int, limit: int) -> None:
         super().__init__(
@@ -623,7 +624,8 @@ class JetStream:
         Each is published with ``Nats-Msg-Id`` = ``event_key(domain, event_id)``,
         so a repeat inside the duplicate window is stored once (and reported as
         a duplicate). A limit JetStream enforces comes back as ``StreamRefused``;
-        an event over the server's ``max_payload`` gets ``EventTooLarge`` and is not sent.
+        an event that with its headers and ``DEAD_LETTER_ROOM`` is over the server's
+        ``max_payload`` gets ``EventTooLarge`` and is not sent.
         """
         try:
             link = await self._requests_link()
