@@ -19,6 +19,7 @@ from pipeline.nats_bridge import (
     Delivery,
     EventTooLarge,
     JetStream,
+    NatsUnavailable,
     PullConsumer,
     StoredMessage,
     keep_consuming,
@@ -129,7 +130,9 @@ class DeadLetterWriter:
                     error=str(failure),
                 )
             else:
-                raise failure  # not stored: the batch comes again, and filing twice is deduplicated
+                # Not stored (NATS out of reach, or the stream refusing it): the batch comes again once
+                # the consumer is open again, and filing twice is deduplicated.
+                raise NatsUnavailable(f"cannot store a dead letter: {failure}") from failure
         deleted = (
             await self._jetstream.delete_events([letter.stored.stream_sequence for letter in filed]) if filed else []
         )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import trio
+from nats.js import api
 
-from tests.conftest import StartBackend
+from pipeline import nats_bridge
+from tests.conftest import OpenedJetStream, StartBackend
 from tests.harness import HANG, call_event, make_config, running_service, wait_for_api
 
 
@@ -168,3 +171,34 @@ async def test_the_largest_event_accepted_can_still_be_kept_as_a_dead_letter(nat
     assert letter["errors"] == {"(all endpoints)": "1 failed; their errors are in the log"}
     assert len(json.dumps(letter["event"], separators=(",", ":"))) == limit
     assert down.attempts_of(call_id) == [1]
+
+
+async def test_a_dead_letter_the_stream_refuses_is_filed_once_it_has_room(
+    nats_server, start_backend: StartBackend, jetstreams: list[OpenedJetStream], monkeypatch
+):
+    # The dead-letter stream drops its oldest letters when full; one set by hand to
+    # refuse instead answers "maximum messages exceeded". That answer ended the
+    # dead-letter writer, and with it the service.
+    monkeypatch.setattr(nats_bridge, "ADVISORY_ACK_WAIT_SECONDS", 2.0)  # the refused advisory comes again sooner
+    down = await start_backend(lambda number, body: 503)
+    config = make_config(nats_server.url, {"full.vn": [down.url]}, nats={"max_deliveries": 1})
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            [opened] = jetstreams
+            streams, context = opened.jetstream.streams, opened.jetstream._context
+            info = await opened.run_asyncio(context.stream_info, streams.dead_letters)
+            refusing = dataclasses.replace(info.config, max_msgs=1, discard=api.DiscardPolicy.NEW)
+            await opened.run_asyncio(context.update_stream, refusing)
+            await service.post_event(call_event("full.vn", "first"))
+            await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 1)
+            await service.post_event(call_event("full.vn", "second"))
+            while True:  # the writer has had the second advisory and could not file it
+                writer = await opened.run_asyncio(context.consumer_info, streams.given_up, "dead-letter-writer")
+                if writer.delivered.stream_seq == 2 and writer.ack_floor.stream_seq == 1:
+                    break
+                await trio.sleep(0.05)
+            await opened.run_asyncio(context.update_stream, dataclasses.replace(refusing, max_msgs=-1))
+            letters = (await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 2)).json()
+            health = await service.client.get(f"{service.url}/health")
+    assert sorted(letter["call_id"] for letter in letters["dead_letters"]) == ["first", "second"]
+    assert health.status_code == 200
