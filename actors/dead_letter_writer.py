@@ -27,9 +27,13 @@ from pipeline.nats_bridge import (
 
 log = structlog.get_logger(component="dead-letters")
 
-# Advisories filed per fetch: each step (read the events, store the letters, delete the
-# events) is one send over the NATS link for all of them.
+# Advisories filed per fetch, and how many of them are filed together: each step (read the
+# events, store the letters, delete the events) is one send over the NATS link for those.
+# Not more together: events may be up to max_payload (1 MiB) each, and the answers to 64
+# reads would be ~90 MB at once (base64), in memory and in what the server holds for this
+# connection (64 MiB by default before it drops a slow client).
 MAX_BATCH = 64
+FILED_TOGETHER = 8
 # What a dead letter may add around its event: the ingress keeps DEAD_LETTER_ROOM of NATS's
 # max_payload for it, half of that for the letter's headers.
 MAX_LETTER_OVERHEAD = DEAD_LETTER_ROOM // 2
@@ -85,7 +89,9 @@ class DeadLetterWriter:
     async def _file_forever(self) -> None:
         async def file_batch(consumer: PullConsumer) -> None:
             advisories = await consumer.fetch(MAX_BATCH)
-            filed = await self._file(advisories)
+            filed = []
+            for start in range(0, len(advisories), FILED_TOGETHER):
+                filed += await self._file(advisories[start : start + FILED_TOGETHER])
             if filed:
                 await self._jetstream.ack_batch(filed)
 
