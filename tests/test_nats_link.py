@@ -1,7 +1,8 @@
 """The hot path's NATS connection (pipeline/nats_link.py) against the real nats-server.
 
 The service's own use of it (publishing, deleting forwarded events, a link
-replaced after an outage) is exercised by the scenario tests: every accepted
+replaced after an outage) is exercised by the scenario tests (and here, the one
+outage whose timing only a held nats-py reconnect makes certain): every accepted
 event goes over it, tests/test_outage_scenarios.py stops and restarts the
 server under load, and tests/test_retention_scenarios.py connects with a user
 and password in the URL.
@@ -9,6 +10,7 @@ and password in the URL.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 from functools import partial
@@ -17,10 +19,15 @@ from urllib.parse import urlparse
 
 import pytest
 import trio
+import trio.testing
 import trustme
+from nats.aio.client import Client as NatsClient
+from trio_asyncio import aio_as_trio
 
+from pipeline.events import parse_event
+from pipeline.nats_bridge import PublishReceipt, open_jetstream
 from pipeline.nats_link import LinkError, NatsLink, Request, header_block, open_nats_link
-from tests.harness import NatsServer, run_nats_server, serve_limited_nats
+from tests.harness import NatsServer, call_event, make_config, run_nats_server, serve_limited_nats
 
 
 async def run_echo_responder(url: str, subject: bytes, *, task_status: trio.TaskStatus[None]) -> None:
@@ -133,3 +140,44 @@ async def test_a_link_to_a_server_that_requires_tls(tmp_path: Path, nursery: tri
             async with open_nats_link(urlparse(f"tls://127.0.0.1:{port}"), "test", 2):
                 pass
         assert isinstance(refused.value.__cause__, ssl.SSLCertVerificationError)
+
+
+async def test_a_link_broken_before_nats_py_says_its_server_is_gone_waits_for_the_next_one(
+    nats_server: NatsServer, nursery: trio.Nursery, monkeypatch
+):
+    # nats-py stops counting itself connected at once, but says so (its disconnected
+    # callback) only once its reconnecting task has closed the old transport. The link,
+    # broken by the same outage, came round before that, found no server to open the
+    # next link to, and an assert ended the service (once in ~9 runs of the broker outage
+    # load test). Here nats-py's reconnecting task is held until the link has come round.
+    held = asyncio.Event()
+    attempt_reconnect = NatsClient._attempt_reconnect
+
+    async def held_back(client: NatsClient) -> None:
+        await held.wait()
+        await attempt_reconnect(client)
+
+    async def release() -> None:
+        held.set()
+
+    monkeypatch.setattr(NatsClient, "_attempt_reconnect", held_back)
+    config = make_config(nats_server.url, {"link.vn": ["http://127.0.0.1:9/"]}).nats
+    with trio.fail_after(30):
+        async with open_jetstream(config, nats_server.url, 1) as jetstream:
+            first = await jetstream._requests_link()
+            nats_server.stop()
+            await jetstream._link.wait_value(lambda link: link is None)
+            await trio.testing.wait_all_tasks_blocked()
+            told_at_once = jetstream.connected.value
+            await aio_as_trio(release)()
+            await jetstream.connected.wait_value(False)
+            await nursery.start(nats_server.run)
+            await jetstream.connected.wait_value(True)
+            second = await jetstream._requests_link()
+            reopened = second is not first and first.closed and not second.closed
+            [receipt] = await jetstream.publish_batch(
+                [parse_event(json.dumps(call_event("link.vn", "after")).encode())]
+            )
+    assert told_at_once  # the window: the link knew before nats-py said so
+    assert reopened
+    assert isinstance(receipt, PublishReceipt) and receipt.sequence == 1
