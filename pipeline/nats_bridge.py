@@ -794,17 +794,26 @@ class JetStream:
         return results
 
     async def find_dead_letter(self, letter_id: int) -> StoredMessage | None:
-        """The dead letter ``letter_id`` (its sequence in the dead-letter stream), if there is one."""
-        return await self._stored(self.streams.dead_letters, letter_id)
+        """The dead letter ``letter_id`` (its sequence in the dead-letter stream), if there is one.
+
+        Raises ``NatsUnavailable`` when it cannot be read.
+        """
+        [found] = await self._read_stored(self.streams.dead_letters, [letter_id])
+        if isinstance(found, Exception):
+            raise found
+        return found
 
     async def stored_events(self, sequences: Sequence[int]) -> list[StoredMessage | Exception | None]:
         """The events stored at ``sequences`` in the event stream, read together over the link;
         None for one no longer there, the error for one that could not be read."""
+        return await self._read_stored(self.config.stream_name, sequences)
+
+    async def _read_stored(self, stream: str, sequences: Sequence[int]) -> list[StoredMessage | Exception | None]:
         try:
             link = await self._requests_link()
         except NatsUnavailable as unavailable:
             return [unavailable for _ in sequences]
-        subject = f"{api.DEFAULT_PREFIX}.STREAM.MSG.GET.{self.config.stream_name}"
+        subject = f"{api.DEFAULT_PREFIX}.STREAM.MSG.GET.{stream}"
         replies = await self._request_all(link, [Request(subject, b'{"seq":%d}' % sequence) for sequence in sequences])
         return [self._stored_message(reply) for reply in replies]
 
@@ -812,33 +821,20 @@ class JetStream:
     def _stored_message(reply: Reply | None) -> StoredMessage | Exception | None:
         """JetStream's answer to reading a stored message: the message, None when there is none, or the error."""
         if reply is None:
-            return NatsUnavailable("no answer to reading a stored event")
+            return NatsUnavailable("no answer to reading a stored message")
         try:
             answer = json.loads(reply.data)
             error = answer.get("error")
             if error is not None:
                 if error.get("err_code") == _ERR_NO_MESSAGE or error.get("description") == _NO_MESSAGE_FOUND:
                     return None
-                return NatsUnavailable(f"cannot read a stored event: {error.get('description')}")
+                return NatsUnavailable(f"cannot read a stored message: {error.get('description')}")
             # Read as nats-py's get_msg reads it (its time with nanoseconds, its data in base64).
             message = api.RawStreamMsg.from_response(answer["message"])
             data = base64.b64decode(message.data) if message.data else b""
             return StoredMessage(message.subject or "", int(message.seq or 0), message.time or datetime.now(UTC), data)
         except (ValueError, KeyError, TypeError, AttributeError):
             return NatsUnavailable("JetStream answered a read with something unreadable")
-
-    async def _stored(self, stream: str, sequence: int) -> StoredMessage | None:
-        async def find() -> StoredMessage | None:
-            try:
-                raw = await self._context.get_msg(stream, seq=sequence)
-            except nats.js.errors.NotFoundError:
-                return None
-            return StoredMessage(raw.subject or "", raw.seq or sequence, raw.time, raw.data or b"")
-
-        try:
-            return await aio_as_trio(find)()
-        except _NATS_ERRORS as error:
-            raise NatsUnavailable(f"cannot read stream {stream}: {error or type(error).__name__}") from error
 
     async def delete_dead_letter(self, sequence: int) -> None:
         await self._delete(self.streams.dead_letters, sequence)
