@@ -33,6 +33,11 @@ DEFAULT_PORT = 4222
 RECEIVE_SIZE = 64 * 1024
 # A line the server sends (INFO, a message's control line) is never near this long.
 MAX_LINE = 1024 * 1024
+# Under the link's inbox: replies to requests at R.<token> (one wildcard subscription, sid 1),
+# each ``listen`` inbox at L<sid>, which that wildcard does not match: the server sends a
+# message once for every subscription it matches.
+_REPLIES = b"R."
+_LISTENER = b"L"
 _CRLF = b"\r\n"
 
 
@@ -123,6 +128,7 @@ class NatsLink:
         self._buffer = bytearray(leftover)
         self._send_lock = trio.Lock()
         self._inbox = inbox
+        self._replies = inbox + _REPLIES
         self._next_token = 0
         self._waiting: dict[bytes, tuple[PendingReplies, int]] = {}
         # The inboxes ``listen`` opened, by their subscription id (the replies' is 1).
@@ -142,7 +148,7 @@ class NatsLink:
             return pending
         for index, token in enumerate(tokens):
             self._waiting[token] = (pending, index)
-        commands = [request.encode(self._inbox + token) for request, token in zip(requests, tokens, strict=True)]
+        commands = [request.encode(self._replies + token) for request, token in zip(requests, tokens, strict=True)]
         try:
             await self._send(b"".join(commands))
         except BaseException:  # cancelled waiting for the send lock: nothing was sent
@@ -173,7 +179,7 @@ class NatsLink:
         """
         sid = b"%d" % self._next_sid
         self._next_sid += 1
-        subject = self._inbox + b"L" + sid
+        subject = self._inbox + _LISTENER + sid
         if self.closed:
             on_message(None)
             return subject
@@ -183,7 +189,7 @@ class NatsLink:
 
     async def unlisten(self, subject: bytes) -> None:
         """Stop ``subject``'s messages (those on their way are dropped)."""
-        sid = subject.rpartition(b".L")[2]
+        sid = subject.rpartition(b"." + _LISTENER)[2]
         if self._listeners.pop(sid, None) is not None:
             await self._send(b"UNSUB %s\r\n" % sid)
 
@@ -336,7 +342,9 @@ async def open_nats_link(
                 options["auth_token"] = unquote(url.username)
             # Subscribed to the replies before the first request: the server has the SUB once it answers the PING.
             inbox = b"_INBOX.%s." % secrets.token_hex(11).encode()
-            await stream.send_all(b"CONNECT %s\r\nSUB %s* 1\r\nPING\r\n" % (json.dumps(options).encode(), inbox))
+            await stream.send_all(
+                b"CONNECT %s\r\nSUB %s%s* 1\r\nPING\r\n" % (json.dumps(options).encode(), inbox, _REPLIES)
+            )
             while True:
                 line, leftover = await _first_line(stream, leftover)
                 if line == b"PONG":

@@ -324,6 +324,13 @@ class NatsServer:
         ]
         return messages
 
+    async def connection(self, name: str) -> dict[str, Any]:
+        """The client connection named ``name`` (its CONNECT's), from the server's monitoring endpoint (/connz)."""
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"http://127.0.0.1:{self.monitor_port}/connz")
+        [connection] = [info for info in response.json()["connections"] if info.get("name") == name]
+        return connection
+
     async def consumer_state(self, stream: str, consumer: str) -> dict[str, Any]:
         """The consumer's state from the server's monitoring endpoint (/jsz)."""
         consumers = await self.consumers(stream)

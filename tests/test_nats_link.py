@@ -102,6 +102,22 @@ async def test_requests_waiting_when_the_link_closes_get_no_answer(nats_server: 
     assert after_close.collect() == [None]
 
 
+async def test_a_message_to_a_listened_inbox_crosses_the_wire_once(nats_server: NatsServer, nursery: trio.Nursery):
+    # A consumer's deliveries come to such an inbox: events up to max_payload each, which the
+    # server counts against what it holds for this connection before dropping it as slow.
+    arrived: list = []
+    with trio.fail_after(10):
+        async with open_nats_link(urlparse(nats_server.url), "listening", 2) as link:
+            nursery.start_soon(link.serve)
+            inbox = await link.listen(arrived.append)
+            await link.publish([Request(inbox.decode(), b"hello")])
+            await link.flush()  # the server sent what it delivered before its PONG
+            sent_to_link = (await nats_server.connection("listening"))["out_msgs"]
+            delivered = [message.data for message in arrived]
+    assert delivered == [b"hello"]
+    assert sent_to_link == 1
+
+
 async def test_a_link_with_wrong_credentials_is_refused(tmp_path: Path, nursery: trio.Nursery):
     url = urlparse(await nursery.start(partial(serve_limited_nats, tmp_path, max_consumers=4)))
     with trio.fail_after(10):
