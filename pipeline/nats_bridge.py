@@ -469,7 +469,12 @@ class JetStream:
                 continue
             server = with_configured_credentials(connected_url, url)
             try:
-                async with open_nats_link(server, "telephony-forwarder", CONNECT_TIMEOUT_SECONDS) as link:
+                async with open_nats_link(
+                    server,
+                    "telephony-forwarder",
+                    CONNECT_TIMEOUT_SECONDS,
+                    send_timeout=self.config.publish_timeout_seconds,
+                ) as link:
                     self._link.value = link
                     if not started:
                         task_status.started()

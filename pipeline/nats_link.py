@@ -122,8 +122,9 @@ class NatsLink:
     run (in its own task) for replies to arrive, and returns when the connection ends.
     """
 
-    def __init__(self, stream: trio.abc.Stream, info: dict, inbox: bytes, leftover: bytes) -> None:
+    def __init__(self, stream: trio.abc.Stream, info: dict, inbox: bytes, leftover: bytes, send_timeout: float) -> None:
         self._stream = stream
+        self._send_timeout = send_timeout
         self.max_payload: int = info.get("max_payload", 1024 * 1024)
         self._buffer = bytearray(leftover)
         self._send_lock = trio.Lock()
@@ -204,9 +205,10 @@ class NatsLink:
             try:
                 sent = write_now(self._stream, data)
                 if sent < len(data):
-                    # A send cut short would leave half a command on the wire: it
-                    # finishes (by the caller's deadline), or the link is closed.
-                    deadline = trio.current_effective_deadline()
+                    # A send cut short would leave half a command on the wire: it finishes
+                    # (by the caller's deadline, and within the send timeout: a server that
+                    # stopped reading must not hold every sender behind this lock), or the link is closed.
+                    deadline = min(trio.current_effective_deadline(), trio.current_time() + self._send_timeout)
                     with trio.CancelScope(shield=True, deadline=deadline) as sending:
                         await self._stream.send_all(memoryview(data)[sent:])
                     if sending.cancelled_caught:
@@ -305,9 +307,11 @@ class NatsLink:
 
 @asynccontextmanager
 async def open_nats_link(
-    url: ParseResult, name: str, connect_timeout: float, tls: ssl.SSLContext | None = None
+    url: ParseResult, name: str, connect_timeout: float, tls: ssl.SSLContext | None = None, *, send_timeout: float
 ) -> AsyncIterator[NatsLink]:
     """Connect to the server at ``url`` (``nats://`` or ``tls://``, credentials as nats-py reads them).
+
+    A send the server does not take whole within ``send_timeout`` closes the link.
 
     TLS, when the URL or the server asks for it, as nats-py does it: the
     system's trusted CAs (or ``tls``'s), after the server's INFO.
@@ -354,7 +358,7 @@ async def open_nats_link(
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-    link = NatsLink(stream, info, inbox, leftover)
+    link = NatsLink(stream, info, inbox, leftover, send_timeout)
     try:
         yield link
     finally:

@@ -61,7 +61,7 @@ async def test_replies_come_back_in_order_whole_and_with_their_status(nats_serve
     # Larger than one read from the socket: a reply arrives in pieces.
     large = bytes(range(256)) * 1024
     with trio.fail_after(10):
-        async with open_nats_link(urlparse(nats_server.url), "test", 2) as link:
+        async with open_nats_link(urlparse(nats_server.url), "test", 2, send_timeout=2) as link:
             nursery.start_soon(link.serve)
             pending = await link.send_requests(
                 [
@@ -89,7 +89,7 @@ async def test_requests_waiting_when_the_link_closes_get_no_answer(nats_server: 
     # A subscriber that never answers keeps the request waiting.
     await nursery.start(partial(run_echo_responder, nats_server.url, b"elsewhere"))
     with trio.fail_after(10):
-        async with open_nats_link(urlparse(nats_server.url), "test", 2) as link:
+        async with open_nats_link(urlparse(nats_server.url), "test", 2, send_timeout=2) as link:
             nursery.start_soon(serve, link)
             waiting = await link.send_requests([Request("$JS.API.INFO", b""), Request("elsewhere.silent", b"x")])
             link.close()
@@ -107,7 +107,7 @@ async def test_a_message_to_a_listened_inbox_crosses_the_wire_once(nats_server: 
     # server counts against what it holds for this connection before dropping it as slow.
     arrived: list = []
     with trio.fail_after(10):
-        async with open_nats_link(urlparse(nats_server.url), "listening", 2) as link:
+        async with open_nats_link(urlparse(nats_server.url), "listening", 2, send_timeout=2) as link:
             nursery.start_soon(link.serve)
             inbox = await link.listen(arrived.append)
             await link.publish([Request(inbox.decode(), b"hello")])
@@ -118,17 +118,39 @@ async def test_a_message_to_a_listened_inbox_crosses_the_wire_once(nats_server: 
     assert sent_to_link == 1
 
 
+async def test_a_send_a_stopped_server_does_not_read_closes_the_link_instead_of_holding_every_sender(
+    nats_server: NatsServer, nursery: trio.Nursery
+):
+    # The ingress actor's batches, the acks and the dead-letter writer's letters are sent with no
+    # deadline of their own; a send waits while the server does not read, the link's lock held.
+    returned = trio.Event()
+
+    async def send_more_than_the_sockets_hold(link: NatsLink) -> None:
+        await link.send_requests([Request("nobody.listens", b"x" * 900_000) for _ in range(16)])
+        returned.set()
+
+    async with open_nats_link(urlparse(nats_server.url), "stopped", 2, send_timeout=1) as link:
+        nursery.start_soon(link.serve)
+        with nats_server.frozen():
+            nursery.start_soon(send_more_than_the_sockets_hold, link)
+            with trio.move_on_after(30):  # a guard: before the fix the send returned only once the server read again
+                await returned.wait()
+            returned_while_stopped, closed_while_stopped = returned.is_set(), link.closed
+    assert returned_while_stopped
+    assert closed_while_stopped
+
+
 async def test_a_link_with_wrong_credentials_is_refused(tmp_path: Path, nursery: trio.Nursery):
     url = urlparse(await nursery.start(partial(serve_limited_nats, tmp_path, max_consumers=4)))
     with trio.fail_after(10):
-        async with open_nats_link(url, "test", 2) as link:
+        async with open_nats_link(url, "test", 2, send_timeout=2) as link:
             nursery.start_soon(link.serve)
             pending = await link.send_requests([Request("$JS.API.INFO", b"")])
             await pending.wait_answered()
             assert pending.collect()[0] is not None
         wrong = url._replace(netloc=f"app:wrong@{url.hostname}:{url.port}")
         with pytest.raises(LinkError, match="refused the connection"):
-            async with open_nats_link(wrong, "test", 2):
+            async with open_nats_link(wrong, "test", 2, send_timeout=2):
                 pass
 
 
@@ -145,7 +167,9 @@ async def test_a_link_to_a_server_that_requires_tls(tmp_path: Path, nursery: tri
     with trio.fail_after(10):
         # A nats:// URL too: the server's INFO says TLS is required.
         for scheme in ("tls", "nats"):
-            async with open_nats_link(urlparse(f"{scheme}://127.0.0.1:{port}"), "test", 2, trusting) as link:
+            async with open_nats_link(
+                urlparse(f"{scheme}://127.0.0.1:{port}"), "test", 2, trusting, send_timeout=2
+            ) as link:
                 nursery.start_soon(link.serve)
                 pending = await link.send_requests([Request("nobody.listens", b"x")])
                 await pending.wait_answered()
@@ -153,7 +177,7 @@ async def test_a_link_to_a_server_that_requires_tls(tmp_path: Path, nursery: tri
             assert reply is not None and reply.status == "503"
         # Not trusted: refused, never sent in the clear.
         with pytest.raises(trio.BrokenResourceError) as refused:
-            async with open_nats_link(urlparse(f"tls://127.0.0.1:{port}"), "test", 2):
+            async with open_nats_link(urlparse(f"tls://127.0.0.1:{port}"), "test", 2, send_timeout=2):
                 pass
         assert isinstance(refused.value.__cause__, ssl.SSLCertVerificationError)
 
