@@ -185,13 +185,18 @@ def subject_domain(subject_pattern: str, subject: str) -> str | None:
     return token_domain(tokens[index])
 
 
+def bounded_token(text: str, limit: int) -> str:
+    """``domain_token(text)``, or when longer than ``limit`` its start and a hash: readable, unique, bounded."""
+    token = domain_token(text)
+    if len(token) <= limit:
+        return token
+    digest = hashlib.sha256(text.encode()).hexdigest()[:32]
+    return f"{token[:80]}-{digest}"
+
+
 def consumer_name(domain: str) -> str:
     """The durable consumer of ``domain``: readable when short, hashed when it would be too long."""
-    token = domain_token(domain)
-    if len(token) <= 120:
-        return f"forward-{token}"
-    digest = hashlib.sha256(domain.encode()).hexdigest()[:32]
-    return f"forward-{token[:80]}-{digest}"
+    return f"forward-{bounded_token(domain, 120)}"
 
 
 _IDENTIFYING = ("event_id", "call_id", "domain", "direction", "state", "status")

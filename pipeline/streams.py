@@ -10,7 +10,7 @@ from nats.js import api
 from nats.js.errors import APIError
 
 from pipeline.config import ConfigError, NatsConfig
-from pipeline.events import domain_token
+from pipeline.events import MAX_DOMAIN_LENGTH, MAX_EVENT_ID_LENGTH, bounded_token
 
 # nats-server 2.15's default consumer limit per stream; the event stream's is
 # set explicitly, never below this, and raised with the routes.
@@ -18,6 +18,9 @@ MIN_CONSUMER_LIMIT = 1000
 # The advisories of events JetStream gave up on are small (~250 bytes): this
 # holds hundreds of thousands while no dead-letter writer runs.
 ADVISORY_STREAM_BYTES = 64 * 1024**2
+# The longest tokens of what the ingress accepts (each character escaped at most to 3).
+_MAX_DOMAIN_TOKEN = 3 * MAX_DOMAIN_LENGTH
+_MAX_EVENT_ID_TOKEN = 3 * MAX_EVENT_ID_LENGTH
 # JetStream's refusals of a stream that the operator can act on.
 _ERR_INSUFFICIENT_STORAGE = 10047
 _ERR_REPLICAS_NOT_SUPPORTED = 10074
@@ -59,9 +62,13 @@ class Streams:
         self.given_up = f"{config.stream_name}-given-up"
 
     def dead_letter_subject(self, domain: str = "*", event_id: str | None = None) -> str:
-        """``dead-letters.<stream>.<domain token>.<event_id token>`` (wildcards where not given)."""
-        domain_part = domain if domain == "*" else domain_token(domain)
-        event_part = "*" if event_id is None else domain_token(event_id)
+        """``dead-letters.<stream>.<domain token>.<event_id token>`` (wildcards where not given).
+
+        A token longer than any the ingress accepts makes (a message stored by something else) is
+        cut and hashed: a subject over nats-server's 4 KiB command line would end the connection.
+        """
+        domain_part = domain if domain == "*" else bounded_token(domain, _MAX_DOMAIN_TOKEN)
+        event_part = "*" if event_id is None else bounded_token(event_id, _MAX_EVENT_ID_TOKEN)
         return f"dead-letters.{self.events}.{domain_part}.{event_part}"
 
     def configs(self, consumer_limit: int) -> dict[str, api.StreamConfig]:

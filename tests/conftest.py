@@ -16,6 +16,7 @@ import trustme
 
 from pipeline import supervisor
 from pipeline.config import NatsConfig
+from pipeline.events import domain_subject
 from pipeline.nats_bridge import JetStream
 from tests.harness import Backend, NatsCluster, NatsServer, serve_backend
 
@@ -112,6 +113,11 @@ class OpenedJetStream:
     async def run_asyncio(self, function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Await the asyncio ``function(*args)`` on the service's loop (a test task is not inside it)."""
         return await trio_asyncio.aio_as_trio(function, loop=self.loop)(*args)
+
+    async def publish_elsewhere(self, domain: str, data: bytes) -> None:
+        """Publish ``data`` to ``domain``'s subject as something other than the ingress would (the service's client)."""
+        subject = domain_subject(self.jetstream.config.subject_pattern, domain)
+        await self.run_asyncio(self.jetstream._context.publish, subject, data)
 
 
 @pytest.fixture

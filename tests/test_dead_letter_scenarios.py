@@ -202,3 +202,27 @@ async def test_a_dead_letter_the_stream_refuses_is_filed_once_it_has_room(
             health = await service.client.get(f"{service.url}/health")
     assert sorted(letter["call_id"] for letter in letters["dead_letters"]) == ["first", "second"]
     assert health.status_code == 200
+
+
+async def test_an_event_stored_by_something_else_with_a_long_event_id_is_kept_as_a_dead_letter(
+    nats_server, start_backend: StartBackend, jetstreams: list[OpenedJetStream]
+):
+    # Its dead-letter subject carried the event_id escaped: over nats-server's 4 KiB command
+    # line, the server ended the connection every publish, pull and ack shares, the letter was
+    # never filed, and the event never left the stream (the same again at every advisory).
+    refusing = await start_backend(lambda number, body: 400)
+    config = make_config(nats_server.url, {"other.vn": [refusing.url]}, nats={"max_deliveries": 1})
+    event_id = "A" * 1400  # the ingress takes 128 characters at most
+    foreign = json.dumps({"domain": "other.vn", "call_id": "elsewhere", "event_id": event_id}).encode()
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            await jetstreams[0].publish_elsewhere("other.vn", foreign)
+            letters = (await wait_for_api(service, "/api/dead-letters", lambda r: r.json()["total"] == 1)).json()
+            await wait_for_api(service, "/api/stream/messages", lambda r: r.json()["total"] == 0)
+            by_id = (await service.client.get(f"{service.url}/api/dead-letters", params={"event_id": event_id})).json()
+            after = await service.post_event(call_event("other.vn", "after"))
+    [letter] = letters["dead_letters"]
+    assert letter["event_id"] == event_id and letter["event"]["call_id"] == "elsewhere"
+    assert refusing.attempts_of("elsewhere") == [1]
+    assert [found["id"] for found in by_id["dead_letters"]] == [letter["id"]]
+    assert after.status_code == 202

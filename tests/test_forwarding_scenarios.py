@@ -12,8 +12,7 @@ from functools import partial
 import trio
 from structlog.testing import capture_logs
 
-from pipeline.config import Config
-from pipeline.events import consumer_name, domain_subject
+from pipeline.events import consumer_name
 from tests.conftest import OpenedJetStream, StartBackend
 from tests.harness import (
     HANG,
@@ -265,7 +264,7 @@ async def test_a_stored_event_with_nan_is_never_forwarded_as_invalid_json(
     stored_by_an_older_version = b'{"domain":"ok.vn","call_id":"legacy","duration":NaN,"event_id":"legacy-1"}'
     with trio.fail_after(SCENARIO_TIMEOUT):
         async with running_service(config) as service:
-            await _publish_elsewhere(jetstreams, config, "ok.vn", stored_by_an_older_version)
+            await jetstreams[0].publish_elsewhere("ok.vn", stored_by_an_older_version)
             assert (await service.post_event(call_event("ok.vn", "after"))).json()["sequence"] == 2
             await backend.wait_count(1)
             await _wait_settled(nats_server, config.nats.stream_name)  # the legacy one too
@@ -290,7 +289,7 @@ async def test_stored_messages_that_are_not_events_are_dropped_and_the_service_g
     with trio.fail_after(SCENARIO_TIMEOUT), capture_logs() as logs:
         async with running_service(config) as service:
             for message in published_elsewhere:
-                await _publish_elsewhere(jetstreams, config, "ok.vn", message)
+                await jetstreams[0].publish_elsewhere("ok.vn", message)
             assert (await service.post_event(call_event("ok.vn", "after"))).json()["sequence"] == 4
             await backend.wait_count(1)
             await _wait_settled(nats_server, config.nats.stream_name)  # the ones published elsewhere too
@@ -300,11 +299,3 @@ async def test_stored_messages_that_are_not_events_are_dropped_and_the_service_g
     dropped = [entry for entry in logs if entry["event"] == "Dropping unreadable message"]
     assert len(dropped) == 3
     assert any("surrogate" in entry["error"] for entry in dropped)
-
-
-async def _publish_elsewhere(jetstreams: list[OpenedJetStream], config: Config, domain: str, data: bytes) -> None:
-    """Publish ``data`` to ``domain``'s subject as something other than the ingress would (the service's client)."""
-    [opened] = jetstreams
-    await opened.run_asyncio(
-        opened.jetstream._context.publish, domain_subject(config.nats.subject_pattern, domain), data
-    )
