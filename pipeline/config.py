@@ -263,6 +263,10 @@ def load_config(path: Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigUnreadable(f"{path}: file not found") from None
+    except UnicodeDecodeError as error:  # a legacy code page, an editor's "Unicode" (UTF-16)
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}): save it as UTF-8"
+        ) from None
     except OSError as error:
         raise ConfigUnreadable(f"{path}: cannot read: {error.strerror}") from None
     try:
@@ -272,6 +276,10 @@ def load_config(path: Path) -> Config:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError as error:  # PyYAML builds dates and tagged values with Python's own constructors
+        raise ConfigError(f"{path}: invalid YAML: {error} (quote the value if it is text)") from None
     if raw is None:
         # A truncated file (an editor's half-write, a `>` typo) is not "no routes": that is said explicitly.
         raise ConfigError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,36 @@ async def test_invalid_file_keeps_the_old_routes(nats_server: NatsServer, start_
     assert "routes[0].endpoints[0].url: URL scheme should be 'http' or 'https'" in response.json()["message"]
     [rejection] = [x for x in logs if x["event"] == "Config reload rejected; keeping the active routes"][:1]
     assert str(path) in rejection["reason"]
+
+
+@pytest.mark.parametrize(
+    "spoiled",
+    [
+        pytest.param(lambda text: text.encode() + "# ghi chú\n".encode("cp1258"), id="a legacy code page"),
+        pytest.param(lambda text: text.encode("utf-16"), id="saved as UTF-16"),
+        pytest.param(lambda text: (text + "extra: 2026-13-45\n").encode(), id="an impossible date"),
+    ],
+)
+async def test_a_file_yaml_cannot_read_keeps_the_old_routes_and_the_service_running(
+    nats_server: NatsServer, start_backend: StartBackend, tmp_path: Path, spoiled: Callable[[str], bytes]
+):
+    # Regression: the error decoding the file (or building the date) was not a config
+    # error, and it ended the whole service at the next poll.
+    backend = await start_backend()
+    path = tmp_path / "config.yaml"
+    write_config(path, nats_server.url, {"ok.vn": [backend.url]})
+    with trio.fail_after(30), capture_logs() as logs:
+        async with running_service(load_config(path), config_path=path) as service:
+            path.write_bytes(spoiled(path.read_text()))
+            await wait_for_api(
+                service, "/health", lambda r: any(x["event"].startswith("Config reload rejected") for x in logs)
+            )
+            await service.post_event(call_event("ok.vn", "still-routed"))
+            await backend.wait_count(1)
+            response = await service.client.post(f"{service.url}/api/config/reload")
+            routes = await _routes(service)
+    assert routes == {"ok.vn": [backend.url]}
+    assert response.status_code == 400 and str(path) in response.json()["message"]
 
 
 @pytest.mark.parametrize("emptied", ["", "# routes: moved to the new PBX\n\n  \n"])
