@@ -292,6 +292,7 @@ class PullConsumer:
                 await self._changed.wait()
             if not self._changed.is_set():
                 self._failure = "no answer to a pull"
+                await self._js._close_if_silent(self._link)
         if not self._arrived and self._failure is not None:
             raise NatsUnavailable(f"fetch failed: {self._failure}")
         deliveries: list[Delivery] = []
@@ -496,6 +497,18 @@ class JetStream:
             with trio.move_on_after(self.config.publish_timeout_seconds):
                 return await self._link.wait_value(lambda link: link is not None and not link.closed)
         raise NatsUnavailable("not connected to NATS")
+
+    async def _close_if_silent(self, link: NatsLink) -> None:
+        """Close ``link`` unless its server answers a PING within the publish timeout.
+
+        A pull left unanswered was lost on the way (a consumer's leader gone) or the
+        connection went silent (a host gone without a FIN): then every consumer that
+        re-opens would get the same dead link, and only a publish timing out would replace it.
+        """
+        with trio.move_on_after(self.config.publish_timeout_seconds):
+            await link.flush()
+            return
+        link.close()
 
     async def _flush_link(self) -> None:
         """Until the server has read what was sent over the link (the acks: no answer says so)."""

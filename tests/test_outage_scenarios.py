@@ -166,3 +166,74 @@ async def _wait_nats(nats_server: NatsServer, holds: Callable[[dict[str, dict[st
         if holds(await nats_server.consumers(STREAM), await nats_server.stream_messages(STREAM)):
             return
         await trio.sleep(0.05)
+
+
+class SilencingProxy:
+    """A TCP proxy on 127.0.0.1 in front of the server: the network, which can go silent for some
+    connections (a host gone or a partition: no FIN, no RST) while new ones and the others pass."""
+
+    def __init__(self, server_port: int) -> None:
+        self._server_port = server_port
+        self._connections: list[tuple[bytes, trio.Event]] = []  # each: the client's first bytes, its silence
+        self.port = 0
+
+    def silence(self, first_bytes_hold: Callable[[bytes], bool]) -> int:
+        """Silence the open connections whose client's first bytes (its CONNECT) ``first_bytes_hold``; how many."""
+        chosen = [silenced for first, silenced in self._connections if first_bytes_hold(first)]
+        for silenced in chosen:
+            silenced.set()
+        return len(chosen)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        await trio.serve_listeners(self._relay, listeners, task_status=task_status)
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        silenced = trio.Event()
+
+        async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+            while data := await source.receive_some():
+                if silenced.is_set():
+                    await trio.sleep_forever()  # read, never passed on, never closed
+                await sink.send_all(data)
+
+        async with client, await trio.open_tcp_stream("127.0.0.1", self._server_port) as server:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, server, client)  # the server's INFO first
+                first = await client.receive_some()  # then the client's CONNECT
+                self._connections.append((first, silenced))
+                await server.send_all(first)
+                nursery.start_soon(pump, client, server)
+
+
+async def test_a_connection_gone_silent_under_the_consumers_is_replaced_and_the_waiting_event_comes_again(
+    nats_server: NatsServer, start_backend: StartBackend, nursery: trio.Nursery
+):
+    # The consumers pull over the service's own NATS connection. When it went silent (no FIN, no
+    # RST) while nats-py's stayed up, an unanswered pull re-opened the consumer on the same dead
+    # connection, again and again: only a POST's publish timing out replaced it (or the kernel,
+    # after ~15 minutes of retransmissions), and the waiting event never came.
+    proxy = SilencingProxy(int(nats_server.url.rpartition(":")[2]))
+    await nursery.start(proxy.run)
+    flaky = await start_backend(lambda number, body: 500 if number == 1 else 200)
+    config = make_config(
+        f"nats://127.0.0.1:{proxy.port}",
+        {"again.vn": [flaky.url]},
+        nats={"ack_wait_seconds": 3, "max_deliveries": 10, "publish_timeout_seconds": 1},
+        forwarding={"timeout_seconds": 2},
+    )
+    with trio.fail_after(120):  # before the fix: no redelivery for as long as the connection stayed silent
+        async with running_service(config) as service:
+            assert (await service.post_event(call_event("again.vn", "again-1"))).status_code == 202
+            await flaky.wait_count(1)
+            await _wait_nats(  # the consumer has it, waiting for its redelivery
+                nats_server,
+                lambda consumers, _: consumers.get(consumer_name("again.vn"), {}).get("num_ack_pending") == 1,
+            )
+            # The hot path's connection (nats-py's says its own version in its CONNECT).
+            assert proxy.silence(lambda connect: b'"version": "telephony-forwarder"' in connect) == 1
+            await flaky.wait_count(2)
+            health = await service.client.get(f"{service.url}/health")
+    assert flaky.attempts_of("again-1")[:2] == [1, 2]
+    assert health.status_code == 200
