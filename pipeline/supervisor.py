@@ -21,6 +21,7 @@ from actors.stats import ForwardOutcome, StatsCollector
 from actors.subscriber import Subscriber
 from pipeline.config import Config
 from pipeline.embedded_nats import EmbeddedNats
+from pipeline.name_lookups import SharedLookups
 from pipeline.nats_bridge import Delivery, open_jetstream
 from pipeline.routes import Routes, open_routes
 from web.app import create_app
@@ -60,6 +61,8 @@ async def run_service(
     writer runs first and stops last, so the records of the shutdown itself
     reach the files.
     """
+    # Endpoints' names (and a NATS server's) looked up apart from trio's shared worker threads.
+    trio.socket.set_custom_hostname_resolver(SharedLookups())
     # One holder of the routes for everything: the config watcher swaps them, the
     # log writer and the pipeline read them.
     routes = open_routes(config.endpoints_by_domain())
