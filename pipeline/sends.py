@@ -16,6 +16,7 @@ a client's next request), ``receive_when_readable`` waits first.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TypeVar
 
@@ -35,11 +36,19 @@ def write_now(stream: trio.abc.Stream, data: bytes) -> int:
         return 0
 
 
-async def send_all_now(stream: trio.abc.Stream, data: bytes) -> None:
-    """``stream.send_all(data)``, written at once when the socket takes it all."""
+async def send_all_now(stream: trio.abc.Stream, data: bytes, taken_within: float = math.inf) -> bool:
+    """``stream.send_all(data)``, written at once when the socket takes it all.
+
+    False when the rest was not taken within ``taken_within`` seconds (a timer only
+    then, not per send): the stream is left with part of ``data`` sent, to be closed.
+    """
     sent = write_now(stream, data)
     if sent < len(data):
-        await stream.send_all(memoryview(data)[sent:])
+        with trio.move_on_after(taken_within):
+            await stream.send_all(memoryview(data)[sent:])
+            return True
+        return False
+    return True
 
 
 async def send_now(channel: trio.MemorySendChannel[T], item: T) -> None:

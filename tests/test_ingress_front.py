@@ -3,6 +3,7 @@ request, and the rest of its connection, by hypercorn. Real nats-server, real ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -233,3 +234,37 @@ async def test_a_head_still_incomplete_after_16_kib_gets_431(nats_server, start_
         status, _, _ = await answers.next()
         assert status == 431
     assert backend.bodies() == []
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "requests"),
+    [
+        pytest.param(b"POST /events HTTP/1.1\r\nHost: front\r\nContent-Length: 1\r\n\r\nx", 5000, id="front"),
+        pytest.param(b"GET /openapi.json HTTP/1.1\r\nHost: front\r\n\r\n", 300, id="hypercorn"),
+    ],
+)
+async def test_a_client_that_stops_reading_its_answers_is_disconnected(
+    nats_server, start_backend: StartBackend, monkeypatch: pytest.MonkeyPatch, request_bytes: bytes, requests: int
+):
+    # Its connection, and a file descriptor, were held for as long as it did not read:
+    # enough such clients and the service could accept no connection (nor open a file).
+    monkeypatch.setattr(web.app, "SLOW_CLIENT_TIMEOUT_SECONDS", 0.5)
+    with trio.fail_after(60):  # a guard: before, hypercorn's connection stayed open once it had sent all
+        async with service_with_backend(nats_server, start_backend) as (service, _):
+            host, port = service.url.removeprefix("http://").rsplit(":", 1)
+            client = trio.socket.socket()
+            client.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+            await client.connect((host, int(port)))
+            async with trio.SocketStream(client) as stream, trio.open_nursery() as nursery:
+
+                async def send_requests() -> None:
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await stream.send_all(request_bytes * requests)
+
+                nursery.start_soon(send_requests)
+                await trio.sleep(2)  # the scenario: a client that reads nothing for longer than the timeout
+                received = b""
+                with contextlib.suppress(trio.BrokenResourceError):  # reset: the service closed with requests unread
+                    while data := await stream.receive_some(65536):
+                        received += data
+    assert received.count(b"HTTP/1.1 ") < requests

@@ -15,8 +15,10 @@ configuration, limits and shutdown as ``hypercorn.trio.serve``, whose
 
 Slow clients: a connection whose next request head is not complete within
 ``keep_alive_timeout`` is closed (hypercorn's rule), a body has
-``EventIngress``'s body timeout (408), and a head still incomplete after
-``MAX_HEAD`` bytes goes to hypercorn, which refuses it (431), as h11 does.
+``EventIngress``'s body timeout (408), an answer the client does not take
+within that timeout closes the connection (here and under hypercorn), and a
+head still incomplete after ``MAX_HEAD`` bytes goes to hypercorn, which
+refuses it (431), as h11 does.
 """
 
 from __future__ import annotations
@@ -50,11 +52,17 @@ _INTERNAL_ERROR: Answer = (500, {"status": "error", "error": "internal error"}, 
 
 
 class _HandedOver(trio.abc.Stream):
-    """A connection given to hypercorn: first the bytes the front read, then the socket's."""
+    """A connection given to hypercorn: first the bytes the front read, then the socket's.
 
-    def __init__(self, stream: trio.SocketStream, unread: bytes) -> None:
+    hypercorn sends with no deadline (and shielded): a client that stops reading would
+    hold its connection, and a file descriptor, for good. A send not taken within
+    ``send_timeout`` closes the connection.
+    """
+
+    def __init__(self, stream: trio.SocketStream, unread: bytes, send_timeout: float) -> None:
         self._stream = stream
         self._unread = unread
+        self._send_timeout = send_timeout
         self.socket = stream.socket  # hypercorn reads the client's address from it
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -66,7 +74,11 @@ class _HandedOver(trio.abc.Stream):
         return await self._stream.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
+        with trio.move_on_after(self._send_timeout):
+            await self._stream.send_all(data)
+            return
+        await trio.aclose_forcefully(self._stream)
+        raise trio.BrokenResourceError(f"the client did not take its answer within {self._send_timeout:g} s")
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
@@ -158,7 +170,7 @@ class IngressFront:
                     return
                 post = _event_post(bytes(buffer[:end])) if end else None
                 if post is None:
-                    await self._hand_over(_HandedOver(stream, bytes(buffer)))
+                    await self._hand_over(_HandedOver(stream, bytes(buffer), self._ingress.body_timeout))
                     return
                 del buffer[:end]
                 if not await self._answer(stream, buffer, *post):
@@ -224,8 +236,9 @@ class IngressFront:
             answer, body_read = _INTERNAL_ERROR, False
         # A body left unread (refused before it was read, or too slow) ends the connection.
         keep_alive = keep_alive and body_read and not self._stopping
-        await send_all_now(stream, _response(answer, keep_alive))
-        return keep_alive
+        # A client that stops reading its answers has as long to take one as to send a body.
+        taken = await send_all_now(stream, _response(answer, keep_alive), self._ingress.body_timeout)
+        return keep_alive and taken
 
 
 async def serve_front(
