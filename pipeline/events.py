@@ -76,7 +76,8 @@ def normalize_domain(domain: object) -> str:
         raise InvalidEvent("domain must be a string")
     if not domain:
         raise InvalidEvent("domain must not be empty")
-    lowered = domain.lower()
+    # ASCII first: lower() maps some other characters to ASCII letters (KELVIN SIGN to "k").
+    lowered = domain.lower() if domain.isascii() else ""
     if not _DOMAIN.fullmatch(lowered):
         raise InvalidEvent(f"domain must be 1-{MAX_DOMAIN_LENGTH} characters of letters, digits, '.', '-' or '_'")
     # Each dot-separated label needs a letter or digit (what is left once "-" and
