@@ -5,9 +5,10 @@ against 0.28 for a bare trio server (bench/RESULTS.md): tasks and checkpoints
 per request (an app task, an idle timer restarted per request, a lock and a
 send per part of the answer). So the front reads every connection first. A
 request that is ``POST /events`` with a Content-Length body, what PBXs send,
-is answered here by ``EventIngress.post_event``, in one send. The first
+is answered here by ``EventIngress.post_event``, in one send; a head that
+cannot be read gets a JSON 400 here (hypercorn's has no body). The first
 request of any other kind (another path or method, a chunked body,
-``Expect: 100-continue``, an upgrade, a head hypercorn would refuse) hands the
+``Expect: 100-continue``, an upgrade, lines ending in a bare LF) hands the
 connection, with every byte read from it, to hypercorn's own connection
 handler, which serves it from then on as if it had accepted it: the same app,
 configuration, limits and shutdown as ``hypercorn.trio.serve``, whose
@@ -17,13 +18,13 @@ Slow clients: a connection whose next request head is not complete within
 ``keep_alive_timeout`` is closed (hypercorn's rule), a body has
 ``EventIngress``'s body timeout (408), an answer the client does not take
 within that timeout closes the connection (here and under hypercorn), and a
-head still incomplete after ``MAX_HEAD`` bytes goes to hypercorn, which
-refuses it (431), as h11 does.
+head still incomplete after ``MAX_HEAD`` bytes (h11's limit) gets a JSON 431.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import time
 from functools import partial
 from http import HTTPStatus
@@ -48,7 +49,13 @@ log = structlog.get_logger(component="http")
 MAX_HEAD = 16 * 1024
 RECEIVE_SIZE = 64 * 1024
 _HEAD_END = b"\r\n\r\n"
+# A head whose lines end in LF alone (which h11, and so hypercorn, accepts).
+_BARE_LF_HEAD_END = re.compile(rb"\n\r?\n")
 _INTERNAL_ERROR: Answer = (500, {"status": "error", "error": "internal error"}, {})
+
+
+class _HeadTooLarge(Exception):
+    """No complete request head within ``MAX_HEAD`` bytes."""
 
 
 class _HandedOver(trio.abc.Stream):
@@ -110,25 +117,35 @@ class _Head:
         self.headers[key] = value.decode("latin-1")
 
 
+class _Malformed(Exception):
+    """A request head refused with 400: ``str()`` says what is wrong, for the client."""
+
+
 def _event_post(head: bytes) -> tuple[dict[str, str], int, bool] | None:
-    """For a head the front answers itself: its headers, Content-Length and whether to keep the connection."""
+    """For a head the front answers itself: its headers, Content-Length and whether to keep the
+    connection; None for one hypercorn serves. Raises ``_Malformed`` for one nothing can serve
+    (hypercorn's own 400 has no body; the client gets a JSON error here)."""
     request = _Head()
     parser = httptools.HttpRequestParser(request)
     try:
         parser.feed_data(head)
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+    except httptools.HttpParserUpgrade:
         return None
+    except httptools.HttpParserError as error:
+        raise _Malformed(f"malformed request head: {error}") from None
     if parser.get_method() != b"POST" or request.target.partition(b"?")[0] != b"/events":
         return None
     headers = request.headers
-    if "transfer-encoding" in headers or "expect" in headers or "content-length" in request.repeated:
+    if "transfer-encoding" in headers or "expect" in headers or "content-length" not in headers:
         return None
-    if "host" not in headers and parser.get_http_version() != "1.0":
-        return None  # HTTP/1.1 requires it: hypercorn answers 400
-    length = headers.get("content-length", "")
-    if not (length.isascii() and length.isdigit()):
-        return None
-    return headers, int(length), parser.should_keep_alive()
+    http_1_0 = parser.get_http_version() == "1.0"
+    if "host" not in headers and not http_1_0:
+        raise _Malformed("an HTTP/1.1 request needs a Host header")
+    length = headers["content-length"]
+    if "content-length" in request.repeated or not (length.isascii() and length.isdigit()):
+        raise _Malformed("Content-Length must be given once, as a number of bytes")
+    # HTTP/1.0 connections close after the answer, as hypercorn's do.
+    return headers, int(length), parser.should_keep_alive() and not http_1_0
 
 
 @functools.lru_cache(maxsize=1)  # the same for every answer within a second
@@ -165,10 +182,17 @@ class IngressFront:
         buffer = bytearray()
         try:
             while not self._stopping:
-                end = await self._receive_head(stream, buffer)
-                if end is None:
+                try:
+                    end = await self._receive_head(stream, buffer)
+                    if end is None:
+                        return
+                    post = _event_post(bytes(buffer[:end])) if end else None
+                except _HeadTooLarge:
+                    await self._refuse(stream, 431, f"request head larger than {MAX_HEAD} bytes")
                     return
-                post = _event_post(bytes(buffer[:end])) if end else None
+                except _Malformed as error:
+                    await self._refuse(stream, 400, str(error))
+                    return
                 if post is None:
                     await self._hand_over(_HandedOver(stream, bytes(buffer), self._ingress.body_timeout))
                     return
@@ -184,15 +208,18 @@ class IngressFront:
             await stream.aclose()
 
     async def _receive_head(self, stream: trio.SocketStream, buffer: bytearray) -> int | None:
-        """Read until ``buffer`` holds a request head: the index past its blank line; 0 when no
-        complete head came within ``MAX_HEAD`` bytes; None to close (end of stream, idle, stopping)."""
+        """Read until ``buffer`` holds a request head: the index past its blank line; 0 for a head
+        whose lines end in a bare LF (hypercorn reads those); None to close (end of stream, idle,
+        stopping). Raises ``_HeadTooLarge`` when no complete head came within ``MAX_HEAD`` bytes."""
         searched = 0
         with trio.move_on_after(self._keep_alive_timeout) as waiting:
             self._waiting.add(waiting)
             try:
                 while (found := buffer.find(_HEAD_END, searched)) < 0:
-                    if len(buffer) > MAX_HEAD:
+                    if _BARE_LF_HEAD_END.search(buffer):
                         return 0
+                    if len(buffer) > MAX_HEAD:
+                        raise _HeadTooLarge
                     searched = max(0, len(buffer) - len(_HEAD_END) + 1)
                     data = await receive_when_readable(stream, RECEIVE_SIZE)
                     if not data:
@@ -202,6 +229,11 @@ class IngressFront:
             finally:
                 self._waiting.discard(waiting)
         return None
+
+    async def _refuse(self, stream: trio.SocketStream, status: int, message: str) -> None:
+        """Answer a request the front cannot read with a JSON error; the connection is then closed."""
+        refusal: Answer = (status, {"status": "error", "error": message}, {})
+        await send_all_now(stream, _response(refusal, keep_alive=False), self._ingress.body_timeout)
 
     async def _answer(
         self, stream: trio.SocketStream, buffer: bytearray, headers: dict[str, str], length: int, keep_alive: bool
