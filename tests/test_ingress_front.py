@@ -158,6 +158,21 @@ async def test_a_refused_post_closes_its_connection_and_a_later_one_is_served(na
         await assert_a_later_post_is_the_only_event_forwarded(service, backend)
 
 
+async def test_a_client_still_sending_a_body_too_large_gets_the_413(nats_server, start_backend: StartBackend):
+    # Refused before its body was read, the connection was closed with the body still
+    # arriving: the kernel reset it, and a client that sends its whole body before reading
+    # (most do) got a reset instead of the answer.
+    size = 20 * 1024 * 1024
+    async with connected(nats_server, start_backend) as (backend, stream, answers):
+        head = b"POST /events HTTP/1.1\r\nHost: front\r\nContent-Type: application/json\r\n"
+        await stream.send_all(head + b"Content-Length: %d\r\n\r\n" % size + b"x" * size)
+        status, headers, body = await answers.next()
+        assert status == 413 and headers["connection"] == "close"
+        assert json.loads(body)["error"] == "body larger than 1048576 bytes"
+        assert await answers.closed() == b""
+    assert backend.bodies() == []
+
+
 @pytest.mark.parametrize(
     ("malformed", "error"),
     [

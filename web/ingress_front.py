@@ -48,6 +48,8 @@ log = structlog.get_logger(component="http")
 # hypercorn's own limit on a request head (h11's max incomplete event size).
 MAX_HEAD = 16 * 1024
 RECEIVE_SIZE = 64 * 1024
+# A refused request's client still sending its body: how long a pause ends the wait for the rest.
+LINGER_IDLE_SECONDS = 2
 _HEAD_END = b"\r\n\r\n"
 # A head whose lines end in LF alone (which h11, and so hypercorn, accepts).
 _BARE_LF_HEAD_END = re.compile(rb"\n\r?\n")
@@ -233,7 +235,22 @@ class IngressFront:
     async def _refuse(self, stream: trio.SocketStream, status: int, message: str) -> None:
         """Answer a request the front cannot read with a JSON error; the connection is then closed."""
         refusal: Answer = (status, {"status": "error", "error": message}, {})
-        await send_all_now(stream, _response(refusal, keep_alive=False), self._ingress.body_timeout)
+        if await send_all_now(stream, _response(refusal, keep_alive=False), self._ingress.body_timeout):
+            await self._linger(stream)
+
+    async def _linger(self, stream: trio.SocketStream) -> None:
+        """Before closing a connection whose request was not read whole: the answer's end (FIN)
+        first, then what the client still sends is read and dropped until it stops
+        (``LINGER_IDLE_SECONDS`` without a byte), for the body timeout at most. Closed at once,
+        the unread bytes make the kernel reset the connection, and a client still sending its
+        body (one too large: 413) loses the answer."""
+        with trio.move_on_after(self._ingress.body_timeout):
+            await stream.send_eof()
+            while True:
+                with trio.move_on_after(LINGER_IDLE_SECONDS):
+                    if await receive_when_readable(stream, RECEIVE_SIZE):
+                        continue
+                return
 
     async def _answer(
         self, stream: trio.SocketStream, buffer: bytearray, headers: dict[str, str], length: int, keep_alive: bool
@@ -270,6 +287,8 @@ class IngressFront:
         keep_alive = keep_alive and body_read and not self._stopping
         # A client that stops reading its answers has as long to take one as to send a body.
         taken = await send_all_now(stream, _response(answer, keep_alive), self._ingress.body_timeout)
+        if taken and not body_read:
+            await self._linger(stream)
         return keep_alive and taken
 
 
