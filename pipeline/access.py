@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -90,6 +91,26 @@ def is_loopback(host: str | None) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return address.is_loopback
+
+
+def names_this_machine(host_header: str | None) -> bool:
+    """Whether a request's ``Host`` names this machine as only this machine can be named:
+    ``localhost`` (or a name under it), a loopback address, or this machine's host name.
+
+    A page on another site whose name the attacker re-points to 127.0.0.1 (DNS
+    rebinding) reaches a loopback address from a loopback client, with its own
+    name in ``Host``.
+    """
+    try:
+        host = urlsplit(f"//{host_header or ''}").hostname
+    except ValueError:
+        return False
+    if not host:
+        return False
+    host = host.rstrip(".")
+    return (
+        host == "localhost" or host.endswith(".localhost") or is_loopback(host) or host == socket.gethostname().lower()
+    )
 
 
 def _origin(url: str) -> tuple[str, str, int] | None:

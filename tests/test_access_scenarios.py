@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 from typing import Any
 
 import httpx
@@ -102,10 +103,11 @@ async def test_every_admin_route_needs_the_credential(nats_server):
             assert (await service.post_event(call_event("open.vn", "c"))).status_code == 202
 
 
-def _client_at(app: Any, host: str, **headers: str) -> httpx.AsyncClient:
-    """A client that reaches ``app`` in-process as if from ``host`` (the ASGI scope's client address)."""
+def _client_at(app: Any, host: str, *, named: str = "forwarder.example:8080", **headers: str) -> httpx.AsyncClient:
+    """A client that reaches ``app`` in-process as if from ``host`` (the ASGI scope's client address),
+    by the name ``named`` (its requests' Host)."""
     transport = httpx.ASGITransport(app=app, client=(host, 40000))
-    return httpx.AsyncClient(transport=transport, base_url="http://forwarder.example:8080", headers=headers)
+    return httpx.AsyncClient(transport=transport, base_url=f"http://{named}", headers=headers)
 
 
 async def test_without_a_password_only_loopback_clients_reach_the_admin_surface(nats_server, served_apps):
@@ -126,11 +128,33 @@ async def test_without_a_password_only_loopback_clients_reach_the_admin_surface(
                 assert health.status_code == 200 and health.json() == {"status": "ok", "nats": "connected"}
                 assert (await stranger.get("/openapi.json")).status_code == 200
             for local in ("127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1"):
-                async with _client_at(app, local) as client:
+                async with _client_at(app, local, named="localhost:8080") as client:
                     assert (await client.get("/api/stats")).status_code == 200, local
                     assert (await client.get("/")).status_code == 200, local
+            for name in ("127.0.0.1:8080", "[::1]:8080", "localhost", "dashboard.localhost:8080", socket.gethostname()):
+                async with _client_at(app, "127.0.0.1", named=name) as client:
+                    assert (await client.get("/api/stats")).status_code == 200, name
             # And over real HTTP on 127.0.0.1.
             assert (await service.client.get(f"{service.url}/api/stats")).status_code == 200
+
+
+async def test_without_a_password_a_page_that_points_its_own_name_at_loopback_is_refused(nats_server, served_apps):
+    # DNS rebinding: a page on another site, open in a browser on this machine (or one an
+    # operator reaches the dashboard from through an SSH tunnel), re-points its name to
+    # 127.0.0.1. Its requests came from a loopback client with its own name as Host and Origin,
+    # and read events with phone numbers, replayed, discarded and reloaded.
+    config = make_config(nats_server.url, {})
+    with trio.fail_after(30):
+        async with running_service(config):
+            [app] = served_apps
+            rebound = "rebind.attacker.example:8080"
+            async with _client_at(
+                app, "127.0.0.1", named=rebound, Origin=f"http://{rebound}", **{"X-Requested-With": "page"}
+            ) as page:
+                for method, path in ADMIN_ROUTES:
+                    refused = await page.request(method, path)
+                    assert refused.status_code == 403, path
+                    assert "does not name this machine" in refused.json()["error"], path
 
 
 async def test_a_password_lets_other_clients_in(nats_server, served_apps):

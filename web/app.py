@@ -18,7 +18,7 @@ from actors.ingress import PublishRequest
 from actors.log_writer import LogWriter
 from actors.stats import StatsCollector
 from actors.subscriber import Subscriber
-from pipeline.access import IngressAccess, admin_allows, cross_site_refusal, is_loopback
+from pipeline.access import IngressAccess, admin_allows, cross_site_refusal, is_loopback, names_this_machine
 from pipeline.config import Config
 from pipeline.nats_bridge import JetStream
 from pipeline.routes import Routes
@@ -44,6 +44,13 @@ _LOOPBACK_ONLY = (
     "the dashboard and /api/* answer only this machine (loopback) while admin.password_sha256 is unset: "
     'set it to the SHA-256 of a password (printf %s "$PASSWORD" | sha256sum) and restart, then sign in '
     "with HTTP basic auth (any user name) or Authorization: Bearer <password>"
+)
+
+
+_NOT_THIS_MACHINE = (
+    "Host {host!r} does not name this machine: while admin.password_sha256 is unset the dashboard and "
+    "/api/* answer requests to localhost, a loopback address or this machine's host name only (a page on "
+    "another site could reach them by pointing its own name at 127.0.0.1); set a password to use other names"
 )
 
 
@@ -159,6 +166,9 @@ def create_app(
             client = request.scope.get("client")
             if not is_loopback(client[0] if client else None):
                 return _json_response(403, _LOOPBACK_ONLY)
+            host = request.headers.get("Host")
+            if not names_this_machine(host):
+                return _json_response(403, _NOT_THIS_MACHINE.format(host=host))
         elif not admin_allows(request.headers.get("Authorization"), password_sha256):
             response = _json_response(401, "admin credential required")
             # Basic auth, so a browser asks for it when the dashboard opens.
