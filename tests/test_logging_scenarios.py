@@ -174,6 +174,8 @@ async def test_logs_api_refuses_bad_requests(nats_server, tmp_path: Path):
                 "/api/logs?domain=ok_vn&date=2026-13-01": (400, "date must be YYYY-MM-DD"),
                 "/api/logs?domain=ok_vn&date=yesterday": (400, "date must be YYYY-MM-DD"),
                 "/api/logs?domain=ok_vn&offset=-1": (400, "offset must be a whole number"),
+                "/api/logs?domain=ok_vn&offset=%C2%B2": (400, "offset must be a whole number"),  # "²"
+                f"/api/logs?domain=ok_vn&offset={'9' * 5000}": (400, "offset must be a whole number"),
                 "/api/logs?domain=ok_vn&type=odd": (400, "type must be one of"),
                 "/api/logs?domain=nobody_vn": (404, "no log files for domain 'nobody_vn'"),
                 "/api/logs?domain=../secret": (404, "no log files for domain '../secret'"),

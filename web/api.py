@@ -37,7 +37,7 @@ MAX_LIMIT = 1000
 RELOAD_TIMEOUT_SECONDS = 10
 # /api/logs pages back at most this far (it keeps offset + limit records in memory).
 MAX_OFFSET = 100_000
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _EVENT_TYPES = ("successful", "failed", "all")
 
 
@@ -60,7 +60,8 @@ def _limit(default: int) -> int:
 
 def _offset() -> int:
     raw = request.args.get("offset", "0")
-    if not raw.isdigit() or int(raw) > MAX_OFFSET:
+    # ASCII digits, few enough to read: "²" is a digit to isdigit(), not to int().
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= len(str(MAX_OFFSET))) or int(raw) > MAX_OFFSET:
         raise BadQuery(f"offset must be a whole number from 0 to {MAX_OFFSET}, got {raw!r}")
     return int(raw)
 
