@@ -19,6 +19,9 @@ from pipeline.events import outcome_record
 # within the linger, not one per event; what the API shows lags by no more.
 MAX_BATCH = 1024
 LINGER_SECONDS = 0.02
+# The events the store keeps, together: events may be up to 1 MiB each, so the record
+# limits alone allowed ~200 GiB. Typical events (under 1 KiB) never reach it.
+MAX_STORED_BYTES = 256 * 1024**2
 
 EventType = Literal["successful", "failed", "all"]
 
@@ -104,9 +107,11 @@ class StatsCollector:
     In: ``ForwardOutcome`` from every forwarder (each holds a clone of the send
     end), one per attempt. Out: answers to ``events()`` and ``statistics()``,
     which the API calls on the trio thread. Memory is bounded: at most
-    ``max_per_domain`` successful and as many failed outcomes per domain, and
-    at most ``max_domains`` domains (the least recently active is dropped
-    first). The totals count every outcome, whatever the store has dropped.
+    ``max_per_domain`` successful and as many failed outcomes per domain, at
+    most ``max_domains`` domains (the least recently active is dropped first),
+    and events of ``MAX_STORED_BYTES`` together (beyond, the oldest outcomes
+    of the least recently active domains go first). The totals count every
+    outcome, whatever the store has dropped.
     A failed outcome is replaced by the success of a later attempt of the same
     event. Returns when every forwarder has closed its end.
     Back-pressure: the bounded inbox; recording is a few dictionary operations.
@@ -120,6 +125,7 @@ class StatsCollector:
         self._max_domains = max_domains
         self._domains: OrderedDict[str, _DomainStore] = OrderedDict()
         self._totals = DomainCounters()
+        self._stored_bytes = 0  # of the kept outcomes' bodies
         self._started = time.monotonic()
         # Outcomes recorded so far: the live dashboard waits on it to push changes.
         self.recorded = AsyncValue(0)
@@ -135,7 +141,8 @@ class StatsCollector:
         store = self._domains.get(outcome.domain)
         if store is None:
             if len(self._domains) >= self._max_domains:
-                self._domains.popitem(last=False)
+                _, dropped = self._domains.popitem(last=False)
+                self._stored_bytes -= sum(len(kept.body) for kept in (*dropped.successful, *dropped.failed))
             store = self._domains[outcome.domain] = _DomainStore(
                 deque(maxlen=self._max_per_domain), deque(maxlen=self._max_per_domain)
             )
@@ -155,10 +162,32 @@ class StatsCollector:
                 event_id = outcome.fields.get("event_id")
                 kept = [failure for failure in store.failed if failure.fields.get("event_id") != event_id]
                 if len(kept) != len(store.failed):
+                    self._stored_bytes -= sum(len(failure.body) for failure in store.failed) - sum(
+                        len(failure.body) for failure in kept
+                    )
                     store.failed = deque(kept, maxlen=self._max_per_domain)
-            store.successful.appendleft(outcome)
+            self._keep(store.successful, outcome)
         else:
-            store.failed.appendleft(outcome)
+            self._keep(store.failed, outcome)
+        if self._stored_bytes > MAX_STORED_BYTES:
+            self._drop_oldest()
+
+    def _keep(self, outcomes: deque[ForwardOutcome], outcome: ForwardOutcome) -> None:
+        if len(outcomes) == outcomes.maxlen:
+            self._stored_bytes -= len(outcomes[-1].body)  # the oldest, which appendleft drops
+        outcomes.appendleft(outcome)
+        self._stored_bytes += len(outcome.body)
+
+    def _drop_oldest(self) -> None:
+        """Drop outcomes until the kept events fit ``MAX_STORED_BYTES``: the least recently active domains'
+        first, each domain's oldest first (its counters stay)."""
+        for store in self._domains.values():
+            while self._stored_bytes > MAX_STORED_BYTES and (store.successful or store.failed):
+                successful, failed = store.successful, store.failed
+                older = successful if successful and (not failed or successful[-1].at <= failed[-1].at) else failed
+                self._stored_bytes -= len(older.pop().body)
+            if self._stored_bytes <= MAX_STORED_BYTES:
+                return
 
     def last_failure(self, domain: str, stream_sequence: int) -> ForwardOutcome | None:
         """The latest failed attempt at the event stored at ``stream_sequence``, if still kept."""

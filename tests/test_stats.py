@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 
 import trio
 
+from actors import stats
 from actors.stats import ForwardOutcome, StatsCollector
 
 
-def outcome(domain: str, number: int, attempt: int = 1, failed: bool = False) -> ForwardOutcome:
-    event = {"domain": domain, "call_id": f"call-{number}", "event_id": f"{domain}-{number}"}
+def outcome(domain: str, number: int, attempt: int = 1, failed: bool = False, padding: str = "") -> ForwardOutcome:
+    event = {"domain": domain, "call_id": f"call-{number}", "event_id": f"{domain}-{number}", "padding": padding}
     return ForwardOutcome(
         domain=domain,
         fields={"call_id": event["call_id"], "event_id": event["event_id"]},
@@ -54,3 +55,19 @@ async def test_a_later_success_replaces_the_events_failures():
     assert [(r["event_id"], r["delivery_attempt"]) for r in events["events_by_domain"]["a.vn"]] == [("a.vn-1", 2)]
     stats = collector.statistics()
     assert (stats.total_successful, stats.total_failed, stats.retry_count) == (1, 2, 1)
+
+
+async def test_the_events_kept_stay_within_the_byte_budget_the_least_recently_active_domains_first(monkeypatch):
+    # Events of up to 1 MiB each: the record limits alone let the store hold ~200 GiB.
+    monkeypatch.setattr(stats, "MAX_STORED_BYTES", 10_000)
+    send, receive = trio.open_memory_channel[ForwardOutcome](8)
+    collector = StatsCollector(receive, max_per_domain=100, max_domains=10)
+    padding = "x" * 900
+    for number in range(30):
+        collector.record(outcome(f"tenant-{number % 3}.vn", number, failed=number % 2 == 1, padding=padding))
+    kept = collector.events()
+    records = [r for lists in kept.values() for records in lists.values() for r in records]
+    assert sum(len(json.dumps(r["event"])) for r in records) <= 10_000
+    # The newest outcomes are kept; the oldest of the least recently active domain went first.
+    assert sorted(int(r["call_id"].removeprefix("call-")) for r in records) == list(range(21, 30))
+    assert collector.statistics().total_successful == 15  # exact, whatever was dropped

@@ -6,6 +6,7 @@ from datetime import datetime
 
 import trio
 
+from actors import stats
 from tests.conftest import StartBackend
 from tests.harness import RunningService, call_event, make_config, running_service, wait_for_api
 
@@ -134,3 +135,23 @@ async def test_stream_messages_of_an_empty_stream(nats_server):
         async with running_service(make_config(nats_server.url, {})) as service:
             assert await _get(service, "/api/stream/messages") == {"messages": [], "total": 0}
             assert await _get(service, "/api/stream/messages", domain="none.vn") == {"messages": [], "total": 0}
+
+
+async def test_large_events_are_kept_for_the_api_within_the_stores_byte_budget(
+    nats_server, start_backend: StartBackend, monkeypatch
+):
+    # Any client may post events of up to ~1 MiB to a routed domain: kept whole in the
+    # store behind /api/events, 2,000 records a domain, they grew memory without a bound
+    # that mattered (~200 GiB), and one dashboard read of them built answers of 100 MB.
+    monkeypatch.setattr(stats, "MAX_STORED_BYTES", 3_500_000)
+    backend = await start_backend()
+    config = make_config(nats_server.url, {"big.vn": [backend.url]})
+    with trio.fail_after(60):
+        async with running_service(config) as service:
+            for n in range(8):
+                assert (await service.post_sized("big.vn", f"big-{n}", 1_000_000)).status_code == 202
+            await wait_for_api(service, "/api/stats", lambda r: r.json()["total_successful"] == 8)
+            kept = await _get(service, "/api/events", domain="big.vn", limit=100)
+            counted = await _get(service, "/api/stats")
+    assert sorted(record["call_id"] for record in kept["events_by_domain"]["big.vn"]) == ["big-5", "big-6", "big-7"]
+    assert counted["stored_events"] == 3 and counted["domains"]["big.vn"]["total_successful"] == 8
