@@ -210,9 +210,14 @@ class DomainLogFiles:
 
 
 def _compress(path: Path) -> None:
+    """``path`` replaced by its gzip: the ``.gz`` appears whole (written under a name readers
+    skip, then renamed) before ``path`` goes, so a reader, or a restart after a kill, never
+    meets a half-written one."""
     target = path.with_name(path.name + ".gz")
-    with path.open("rb") as source, gzip.open(target, "wb") as sink:
+    partial = path.with_name(path.name + ".gz.partial")
+    with path.open("rb") as source, gzip.open(partial, "wb") as sink:
         shutil.copyfileobj(source, sink)
+    partial.replace(target)
     path.unlink()
 
 

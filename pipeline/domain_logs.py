@@ -75,14 +75,20 @@ DAY_FILE_PART = 1 << 30
 
 
 def log_files(directory: Path) -> list[LogFile]:
-    """A domain directory's log files, oldest first."""
-    files = []
+    """A domain directory's log files, oldest first.
+
+    A file and its gzip both there (compressed a moment ago, or the writer killed
+    before it removed the file) hold the same lines: the file is listed, once.
+    """
+    files: dict[tuple[str, int], LogFile] = {}
     for path in directory.iterdir():
         match = _FILE_NAME.fullmatch(path.name)
         if match and path.is_file():
-            day, part, _ = match.groups()
-            files.append(LogFile(day, int(part) if part else DAY_FILE_PART, path))
-    return sorted(files)
+            day, part, compressed = match.groups()
+            found = LogFile(day, int(part) if part else DAY_FILE_PART, path)
+            if not compressed or (found.day, found.part) not in files:
+                files[found.day, found.part] = found
+    return sorted(files.values())
 
 
 def open_lines(log_file: LogFile) -> IO[bytes]:

@@ -141,6 +141,20 @@ def test_read_day_pages_newest_first_over_plain_and_gzip_parts(tmp_path: Path):
     assert read_day(directory, "2026-01-03", kind="all", offset=0, limit=5)["total"] == 0
 
 
+def test_a_day_being_compressed_or_left_so_by_a_kill_is_read_whole_and_once(tmp_path: Path):
+    # The gzip was written under its final name: read meanwhile, or left half-written by a
+    # kill beside the whole file, it failed every read of that day (500) until retention.
+    directory = tmp_path / "ok_vn"
+    directory.mkdir()
+    lines = b"".join(line("ok.vn", "2026-01-04", n).line for n in range(3))
+    (directory / "2026-01-04.log").write_bytes(lines)
+    (directory / "2026-01-04.log.gz.partial").write_bytes(gzip.compress(lines)[:20])  # killed mid-compression
+    assert read_day(directory, "2026-01-04", kind="all", offset=0, limit=10)["total"] == 3
+    (directory / "2026-01-04.log.gz").write_bytes(gzip.compress(lines))  # killed before the file was removed
+    assert all_lines(directory, "2026-01-04") == [0, 1, 2]
+    assert read_day(directory, "2026-01-04", kind="all", offset=0, limit=10)["total"] == 3
+
+
 def test_domain_directory_never_leaves_the_root(tmp_path: Path):
     (tmp_path / "logs" / "ok_vn").mkdir(parents=True)
     (tmp_path / "secret").mkdir()
