@@ -42,6 +42,9 @@ MAX_BATCH = 2048
 LINGER_SECONDS = 0.05
 # How often a failing disk is reported on stderr.
 REPORT_INTERVAL_SECONDS = 60.0
+# Lines waiting for the disk, together: each carries its event (up to 1 MiB), so the
+# inbox's count of lines alone allowed GiBs while the writer is slow (a day compressed).
+MAX_WAITING_BYTES = 64 * 1024**2
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +60,8 @@ class DomainLogRouter:
     A record is about an event when it has ``event_id`` and ``domain``. Its
     full JSON goes to the writer's inbox without ever waiting (its ``payload``,
     the event's own JSON as bytes, goes into the line as it is, not encoded
-    again): if the inbox is full the line is counted as dropped, because
-    logging must not slow forwarding. Info and debug records about events then
+    again): if the inbox is full, or its lines hold ``MAX_WAITING_BYTES``,
+    the line is counted as dropped, because logging must not slow forwarding. Info and debug records about events then
     stop here (they are in the domain's file); warnings and errors also go on
     to stdout.
     """
@@ -66,6 +69,7 @@ class DomainLogRouter:
     def __init__(self) -> None:
         self._lines: trio.MemorySendChannel[DomainLogLine] | None = None
         self.dropped = 0
+        self.waiting_bytes = 0  # of the lines sent and not yet written (the writer counts them off)
 
     def attach(self, lines: trio.MemorySendChannel[DomainLogLine] | None) -> None:
         self._lines = lines
@@ -83,12 +87,15 @@ class DomainLogRouter:
                 line = b'%b,"payload":%b}' % (line[:-1], payload)
             line += b"\n"
             try:
+                if self.waiting_bytes + len(line) > MAX_WAITING_BYTES:
+                    raise trio.WouldBlock
                 self._lines.send_nowait(DomainLogLine(domain, str(record.get("timestamp", ""))[:10], line))
             except trio.WouldBlock:
                 self.dropped += 1
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
             else:
+                self.waiting_bytes += len(line)
                 if record.get("level") in ("debug", "info"):
                     raise structlog.DropEvent
         return record
@@ -264,6 +271,7 @@ class LogWriter:
                 async for batch in batches(self._lines, MAX_BATCH, linger_seconds=LINGER_SECONDS):
                     # The routes are replaced whole, never mutated: the thread may read this mapping.
                     await trio.to_thread.run_sync(self._write, batch, self._routes.value)
+                    self._router.waiting_bytes -= sum(len(line.line) for line in batch)
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._files.close)

@@ -7,11 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
+import structlog
+import trio
 
-from actors.log_writer import DomainLogFiles, DomainLogLine
+from actors import log_writer
+from actors.log_writer import DomainLogFiles, DomainLogLine, DomainLogRouter, LogWriter
 from pipeline.config import LoggingConfig
 from pipeline.domain_logs import UNROUTED, domain_directory, log_files, logged_domains, read_day, sanitize_domain
 from pipeline.events import InvalidEvent
+from pipeline.routes import open_routes
 
 ROUTED = frozenset({"ok.vn", "a_b.vn"})
 
@@ -200,3 +204,26 @@ def test_domains_without_a_route_share_the_unrouted_directory(tmp_path: Path):
         assert [json.loads(raw)["domain"] for raw in lines] == ["stranger-0.vn"]
     listed = {d.sanitized: d for d in logged_domains(tmp_path)}
     assert listed[UNROUTED].domain == UNROUTED and listed[UNROUTED].dates == ["2026-01-05", "2026-01-04"]
+
+
+async def test_lines_waiting_for_the_disk_are_bounded_in_bytes_not_only_in_lines(tmp_path: Path, monkeypatch):
+    # Each line carries its event (up to 1 MiB): 16,384 waiting lines could hold 16 GiB
+    # while the writer is slow (compressing a day's 500 MB); beyond the budget they are dropped.
+    monkeypatch.setattr(log_writer, "MAX_WAITING_BYTES", 3_000_000)
+    send, receive = trio.open_memory_channel[DomainLogLine](16384)
+    router = DomainLogRouter()
+    router.attach(send)
+    payload = b'"%b"' % (b"x" * 1_000_000)
+    sent = 0
+    for n in range(5):
+        record = {"domain": "ok.vn", "event_id": f"e-{n}", "level": "info", "timestamp": "2026-01-04T10:00:00Z"}
+        try:
+            router(None, "info", record | {"payload": payload})
+        except structlog.DropEvent:  # handed to the writer (not for stdout)
+            sent += 1
+    assert (sent, router.dropped) == (2, 3)
+    writer = LogWriter(receive, DomainLogFiles(tmp_path, LoggingConfig()), router, open_routes({"ok.vn": ()}))
+    send.close()
+    await writer.run()  # writes what waits, then ends: its inbox is closed
+    assert router.waiting_bytes == 0
+    assert len((tmp_path / "ok_vn" / "2026-01-04.log").read_bytes().splitlines()) == 2
