@@ -184,6 +184,7 @@ async def test_a_client_still_sending_a_body_too_large_gets_the_413(nats_server,
         ),
         pytest.param(lambda r: r.replace(b"Host", b"Content-Length: 3\r\nHost"), "Content-Length", id="two lengths"),
         pytest.param(lambda r: r.replace(b"Host: front\r\n", b""), "Host header", id="no Host"),
+        pytest.param(lambda r: b"GET /health HTTP/1.1\r\n\r\n" + r, "Host header", id="no Host, another path"),
         pytest.param(lambda r: r.replace(b"HTTP/1.1", b"HTTP/1.1 extra"), "malformed", id="bad request line"),
     ],
 )

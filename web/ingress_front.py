@@ -135,14 +135,14 @@ def _event_post(head: bytes) -> tuple[dict[str, str], int, bool] | None:
         return None
     except httptools.HttpParserError as error:
         raise _Malformed(f"malformed request head: {error}") from None
-    if parser.get_method() != b"POST" or request.target.partition(b"?")[0] != b"/events":
-        return None
     headers = request.headers
-    if "transfer-encoding" in headers or "expect" in headers or "content-length" not in headers:
-        return None
     http_1_0 = parser.get_http_version() == "1.0"
     if "host" not in headers and not http_1_0:
         raise _Malformed("an HTTP/1.1 request needs a Host header")
+    if parser.get_method() != b"POST" or request.target.partition(b"?")[0] != b"/events":
+        return None
+    if "transfer-encoding" in headers or "expect" in headers or "content-length" not in headers:
+        return None
     length = headers["content-length"]
     if "content-length" in request.repeated or not (length.isascii() and length.isdigit()):
         raise _Malformed("Content-Length must be given once, as a number of bytes")
