@@ -568,6 +568,8 @@ class JetStream:
             existing = api.RetentionPolicy(info.config.retention)
             if existing != config.retention:
                 raise retention_mismatch(config, existing)
+            if config.name == self.streams.events:
+                config = await self._without_trimming(info, config)
             return await self._context.update_stream(config)
 
         for key, config in self.streams.configs(limit).items():
@@ -589,6 +591,31 @@ class JetStream:
                     f"{self.config.replicas} configured; the cluster did not apply them"
                 )
         self.consumer_limit = limit
+
+    async def _without_trimming(self, info: api.StreamInfo, config: api.StreamConfig) -> api.StreamConfig:
+        """``config``, with the stream's own per-domain limit while a lower one would delete waiting events.
+
+        JetStream applies a lowered max_msgs_per_subject to what a subject already
+        holds, deleting its oldest messages: accepted events. The lower
+        ``nats.max_backlog_per_domain`` is applied at a start where no domain has more waiting (asyncio side).
+        """
+        lowered, current = config.max_msgs_per_subject, info.config.max_msgs_per_subject
+        if lowered is None or lowered < 0 or (current is not None and 0 <= current <= lowered):
+            return config
+        _, waiting = await self._subject_counts(config.name, self.config.subject_pattern)
+        over = sorted((count, subject) for subject, count in waiting.items() if count > lowered)
+        if not over:
+            return config
+        count, subject = over[-1]
+        log.warning(
+            "nats.max_backlog_per_domain not lowered: JetStream would delete the waiting events beyond it; "
+            "kept until no domain has more waiting (applied at a later start)",
+            configured=lowered,
+            kept=current,
+            domains_over=len(over),
+            largest={"domain": subject_domain(self.config.subject_pattern, subject), "waiting": count},
+        )
+        return config.evolve(max_msgs_per_subject=current)
 
     async def _consumer_limit(self, routed_domains: int) -> int:
         """The event stream's consumer limit for ``routed_domains``, within the NATS account's own limit.

@@ -119,6 +119,23 @@ async def test_a_full_stream_refuses_new_events_and_health_says_degraded(nats_se
     assert health.status_code == 200 and "nats.max_bytes" in health.json()["reason"]
 
 
+async def test_lowering_the_backlog_quota_between_restarts_deletes_no_waiting_event(nats_server):
+    # JetStream applies a lowered per-subject limit to what already waits, deleting a
+    # domain's oldest events: accepted events, gone at the restart without a word.
+    with trio.fail_after(60):
+        async with running_service(make_config(nats_server.url, {}, nats={"max_backlog_per_domain": 100})) as service:
+            for n in range(20):  # no route: they wait
+                assert (await service.post_event(call_event("waiting.vn", f"w-{n}"))).status_code == 202
+        lowered = make_config(nats_server.url, {}, nats={"max_backlog_per_domain": 5})
+        with capture_logs() as logs:
+            async with running_service(lowered) as service:
+                waiting = (await service.client.get(f"{service.url}/api/stream/messages", params={"limit": 100})).json()
+    assert waiting["total"] == 20
+    assert sorted(int(message["data"]["call_id"][2:]) for message in waiting["messages"]) == list(range(20))
+    [kept] = [entry for entry in logs if entry["event"].startswith("nats.max_backlog_per_domain not lowered")]
+    assert kept["largest"] == {"domain": "waiting.vn", "waiting": 20} and kept["kept"] == 100
+
+
 async def test_domains_without_a_route_share_one_backlog_limit_counted_across_restarts(
     nats_server, start_backend: StartBackend
 ):
