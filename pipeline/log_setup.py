@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 import time
 from typing import TextIO
 
@@ -36,9 +38,36 @@ def configure_logging(
             structlog.processors.JSONRenderer(ensure_ascii=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(output),
+        logger_factory=structlog.WriteLoggerFactory(_LogOutput(output)),
         cache_logger_on_first_use=cache_loggers,
     )
+
+
+class _LogOutput:
+    """Where the service's own log lines go: a line that cannot be written (a full disk
+    under -log-file, the reader of stdout gone) is lost, never the end of the service."""
+
+    def __init__(self, output: TextIO) -> None:
+        self._output = output
+
+    def write(self, text: str) -> int:
+        try:
+            return self._output.write(text)
+        except (OSError, ValueError):  # ValueError: the file was closed
+            self._lost()
+            return 0
+
+    def flush(self) -> None:
+        try:
+            self._output.flush()
+        except (OSError, ValueError):
+            self._lost()
+
+    def _lost(self) -> None:
+        if self._output is sys.stdout:
+            # Python's own advice when stdout's reader is gone: point it at /dev/null, so that
+            # neither the next lines nor the flush at exit fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @functools.lru_cache(maxsize=1)  # the same for every record within a second

@@ -191,6 +191,43 @@ async def test_sigterm_finishes_in_flight_forward_acks_it_and_exits_0(
     assert backend.attempts_of("slow") == [1]
 
 
+async def test_the_service_runs_on_when_the_reader_of_its_log_is_gone(
+    nats_server: NatsServer, nursery: trio.Nursery, tmp_path: Path
+):
+    # Regression: the next line written to a stdout whose reader had exited (or to a
+    # -log-file on a full disk) raised, and the service ended.
+    backend = Backend()
+    await nursery.start(serve_backend, backend)
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        f"nats: {{url: '{nats_server.url}', stream_name: cli, subject_pattern: 'cli.*'}}\n"
+        f"logging: {{dir: '{tmp_path / 'logs'}'}}\n"
+        f"routes: [{{domain: ok.vn, endpoints: ['{backend.url}']}}]\n"
+    )
+    with trio.fail_after(60):
+        process = await trio.lowlevel.open_process(
+            [*COMMAND, "-config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        try:
+            await _LogReader(process.stdout).wait_for("Service ready")
+            await process.stdout.aclose()  # the reader of its stdout is gone
+            async with httpx.AsyncClient() as client:
+                # A domain without a route: its warning goes to stdout.
+                unrouted = await client.post(f"http://127.0.0.1:{port}/events", json=call_event("nobody.vn", "x"))
+                routed = await client.post(f"http://127.0.0.1:{port}/events", json=call_event("ok.vn", "after"))
+                await backend.wait_count(1)
+                health = await client.get(f"http://127.0.0.1:{port}/health")
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+    assert (unrouted.status_code, routed.status_code, health.status_code) == (202, 202, 200)
+    assert backend.attempts_of("after") == [1]
+
+
 async def test_a_second_instance_on_the_same_data_dir_exits_2_and_the_first_runs_on(
     nursery: trio.Nursery, tmp_path: Path
 ):
