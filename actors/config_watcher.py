@@ -123,14 +123,16 @@ class ConfigWatcher:
                     result = await self._reload()
                 if result.status == 200:
                     log.info("Config auto-reloaded successfully", route_count=result.route_count)
-                self._applied_digest = current  # an invalid version is reported once, not every poll
+                if result.status != 503:  # NATS out of reach: this version is tried again at the next poll
+                    self._applied_digest = current  # an invalid version is reported once, not every poll
             previous = current
 
     async def _answer_requests(self) -> None:
         async for request in self._requests:
             async with self._lock:
                 request.result = await self._reload()
-                self._applied_digest = await self._digest()
+                if request.result.status != 503:  # else the watcher tries the file again
+                    self._applied_digest = await self._digest()
             request.done.set()
             if request.result.status == 200:
                 log.info("Config reloaded on request", route_count=request.result.route_count)

@@ -106,6 +106,29 @@ async def test_a_redelivery_goes_to_the_endpoint_configured_now(
     assert replacement.attempts_of("moved") == [2]
 
 
+async def test_a_change_saved_while_nats_is_down_is_applied_once_it_is_back(
+    nats_server: NatsServer, start_backend: StartBackend, tmp_path: Path, nursery: trio.Nursery
+):
+    # Regression: a reload needs NATS (the account's consumer limit); when it could not be
+    # asked, the watcher still counted the file as applied, and the change never was.
+    old, new = await start_backend(), await start_backend()
+    path = tmp_path / "config.yaml"
+    write_config(path, nats_server.url, {"ok.vn": [old.url]})
+    with trio.fail_after(60), capture_logs() as logs:
+        async with running_service(load_config(path), config_path=path) as service:
+            nats_server.stop()
+            await wait_for_api(service, "/health", lambda r: r.status_code == 503)
+            write_config(path, nats_server.url, {"ok.vn": [new.url]})
+            await wait_for_api(
+                service, "/health", lambda r: any(x["event"].startswith("Config reload rejected") for x in logs)
+            )
+            await nursery.start(nats_server.run)
+            await _wait_routes(service, {"ok.vn": [new.url]})
+            await service.post_event(call_event("ok.vn", "after"))
+            await new.wait_count(1)
+    assert old.bodies() == []
+
+
 async def test_invalid_file_keeps_the_old_routes(nats_server: NatsServer, start_backend: StartBackend, tmp_path: Path):
     backend = await start_backend()
     path = tmp_path / "config.yaml"
