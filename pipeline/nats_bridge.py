@@ -569,6 +569,13 @@ class JetStream:
             if existing != config.retention:
                 raise retention_mismatch(config, existing)
             if config.name == self.streams.events:
+                if info.state.messages and info.config.subjects != config.subjects:
+                    raise StreamSetupError(
+                        f"nats.subject_pattern: stream {config.name!r} holds {info.state.messages} events "
+                        f"under {', '.join(info.config.subjects or [])}, which {self.config.subject_pattern!r} "
+                        "would leave where nothing reads them: start with the old pattern until they are "
+                        "delivered, then change it"
+                    )
                 config = await self._without_trimming(info, config)
             return await self._context.update_stream(config)
 

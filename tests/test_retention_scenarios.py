@@ -136,6 +136,21 @@ async def test_lowering_the_backlog_quota_between_restarts_deletes_no_waiting_ev
     assert kept["largest"] == {"domain": "waiting.vn", "waiting": 20} and kept["kept"] == 100
 
 
+async def test_a_new_subject_pattern_is_refused_at_start_while_events_wait_under_the_old(nats_server):
+    # Regression: the stream took the new pattern, and the events stored under the old one
+    # were read, listed and delivered by nothing, until max_age removed them.
+    with trio.fail_after(60):
+        async with running_service(make_config(nats_server.url, {})) as service:
+            assert (await service.post_event(call_event("waiting.vn", "w"))).status_code == 202
+        with pytest.raises(BaseExceptionGroup) as refused:
+            async with running_service(make_config(nats_server.url, {}, nats={"subject_pattern": "other.*"})):
+                pass
+        async with running_service(make_config(nats_server.url, {})) as service:
+            waiting = (await service.client.get(f"{service.url}/api/stream/messages")).json()
+    assert refused.group_contains(StreamSetupError, match="holds 1 events under test.signal.*")
+    assert [message["data"]["call_id"] for message in waiting["messages"]] == ["w"]
+
+
 async def test_domains_without_a_route_share_one_backlog_limit_counted_across_restarts(
     nats_server, start_backend: StartBackend
 ):
