@@ -16,7 +16,7 @@ import nats.js.api
 import pytest
 import trio
 
-from tests.harness import Backend, NatsServer, call_event, free_port, serve_backend
+from tests.harness import Backend, NatsServer, call_event, free_port, serve_backend, write_config
 
 COMMAND = [sys.executable, "-m", "pipeline"]
 
@@ -156,14 +156,7 @@ async def test_sigterm_finishes_in_flight_forward_acks_it_and_exits_0(
     release = trio.Event()
     backend = Backend(release=release)
     await nursery.start(serve_backend, backend)
-    port = free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"server: {{host: 127.0.0.1, port: {port}}}\n"
-        f"nats: {{url: '{nats_server.url}', stream_name: cli, subject_pattern: 'cli.*'}}\n"
-        f"logging: {{dir: '{tmp_path / 'logs'}'}}\n"
-        f"routes: [{{domain: ok.vn, endpoints: ['{backend.url}']}}]\n"
-    )
+    port, config = _cli_config(tmp_path, nats_server.url, backend.url)
     with trio.fail_after(60):
         process = await trio.lowlevel.open_process(
             [*COMMAND, "-config", str(config), "-log-level", "info"],
@@ -198,14 +191,7 @@ async def test_the_service_runs_on_when_the_reader_of_its_log_is_gone(
     # -log-file on a full disk) raised, and the service ended.
     backend = Backend()
     await nursery.start(serve_backend, backend)
-    port = free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"server: {{host: 127.0.0.1, port: {port}}}\n"
-        f"nats: {{url: '{nats_server.url}', stream_name: cli, subject_pattern: 'cli.*'}}\n"
-        f"logging: {{dir: '{tmp_path / 'logs'}'}}\n"
-        f"routes: [{{domain: ok.vn, endpoints: ['{backend.url}']}}]\n"
-    )
+    port, config = _cli_config(tmp_path, nats_server.url, backend.url)
     with trio.fail_after(60):
         process = await trio.lowlevel.open_process(
             [*COMMAND, "-config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
@@ -286,6 +272,23 @@ async def test_a_second_instance_on_the_same_data_dir_exits_2_and_the_first_runs
     assert listed["total"] == 1
     assert backend.attempts_of("after") == [1]
     assert not (store / "nats-server.pid").exists()  # removed on a clean stop
+
+
+def _cli_config(tmp_path: Path, nats_url: str, backend_url: str) -> tuple[int, Path]:
+    """A config file for the CLI on a free port, routing ok.vn to ``backend_url``: the port and the file."""
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    write_config(
+        config,
+        nats_url,
+        {"ok.vn": [backend_url]},
+        server={"port": port},
+        # The defaults' timeouts, not the tests' short ones: a forward is held through a shutdown.
+        nats={"stream_name": "cli", "subject_pattern": "cli.*", "ack_wait_seconds": 10},
+        forwarding={"timeout_seconds": 3},
+        logging={"dir": str(tmp_path / "logs")},
+    )
+    return port, config
 
 
 class _LogReader:
