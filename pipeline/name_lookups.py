@@ -16,6 +16,7 @@ A name that does not answer holds one thread, not one per attempt.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -42,7 +43,8 @@ class SharedLookups(trio.abc.HostnameResolver):
     calls it for names only; numeric addresses never need a thread).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lookup: Callable[..., list[Any]] = socket.getaddrinfo) -> None:
+        self._lookup = lookup  # the system resolver's getaddrinfo, blocking
         self._threads = trio.CapacityLimiter(LOOKUP_THREADS)
         self._running: dict[_Key, _Lookup] = {}
 
@@ -76,7 +78,7 @@ class SharedLookups(trio.abc.HostnameResolver):
     async def _look_up(self, key: _Key, lookup: _Lookup) -> None:
         try:
             lookup.addresses = await trio.to_thread.run_sync(
-                partial(socket.getaddrinfo, *key), abandon_on_cancel=True, limiter=self._threads
+                partial(self._lookup, *key), abandon_on_cancel=True, limiter=self._threads
             )
         except Exception as error:  # socket.gaierror (no such name, no answer), a bad port, ...: the callers'
             lookup.error = error

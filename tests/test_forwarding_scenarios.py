@@ -7,10 +7,7 @@ default and httpx's.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 from functools import partial
-from typing import Any
 
 import trio
 from structlog.testing import capture_logs
@@ -248,48 +245,6 @@ async def test_hanging_domain_does_not_delay_another_domain(
     assert sorted(healthy.attempts_of(f"fine-{n}")[0] for n in range(40)) == [1] * 40
     assert [body["delivery_attempt"] for body in hanging.bodies()] == [1] * 40
     assert hanging.most_open <= 8
-
-
-async def test_an_endpoint_name_whose_lookup_never_answers_does_not_delay_another_domain(
-    nats_server, start_backend: StartBackend, monkeypatch
-):
-    # The system resolver answered every lookup on trio's 40 shared worker threads; a name whose
-    # nameservers do not answer held a thread per attempt (64 in flight), and another domain's
-    # new connection waited behind them. The DNS here: dead.test never answers (until the end),
-    # good.test is 127.0.0.1.
-    real_getaddrinfo, never_answered, dead_lookups = socket.getaddrinfo, threading.Event(), []
-
-    def system_resolver(host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0) -> Any:
-        if flags & socket.AI_NUMERICHOST:  # trio's first try, on its own thread: numbers only, never waits
-            return real_getaddrinfo(host, port, family, type, proto, flags)
-        if host in ("dead.test", b"dead.test"):
-            dead_lookups.append(host)
-            never_answered.wait()
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        address = "127.0.0.1" if host in ("good.test", b"good.test") else host
-        return real_getaddrinfo(address, port, family, type, proto, flags)
-
-    monkeypatch.setattr(socket, "getaddrinfo", system_resolver)
-    healthy = await start_backend()
-    config = make_config(
-        nats_server.url,
-        {"dead.vn": ["http://dead.test:9/"], "good.vn": [healthy.url.replace("127.0.0.1", "good.test")]},
-        forwarding={"timeout_seconds": 60.0, "max_in_flight_per_domain": 64},
-        nats={"ack_wait_seconds": 61.0},
-    )
-    try:
-        with trio.fail_after(SCENARIO_TIMEOUT):
-            async with running_service(config) as service:
-                for n in range(60):
-                    await service.post_event(call_event("dead.vn", f"unresolved-{n}"))
-                await wait_for_api(service, "/api/stats", lambda r: r.json()["in_flight"] == 60)
-                await service.post_event(call_event("good.vn", "resolved"))
-                await healthy.wait_count(1)
-                still_unanswered = not never_answered.is_set()
-    finally:
-        never_answered.set()
-    assert still_unanswered and healthy.attempts_of("resolved") == [1]
-    assert dead_lookups  # asked, never answered
 
 
 async def _wait_settled(nats_server: NatsServer, stream: str) -> None:
