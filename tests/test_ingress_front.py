@@ -306,7 +306,7 @@ async def test_a_client_that_stops_reading_its_answers_is_disconnected(
     # Its connection, and a file descriptor, were held for as long as it did not read:
     # enough such clients and the service could accept no connection (nor open a file).
     monkeypatch.setattr(web.app, "SLOW_CLIENT_TIMEOUT_SECONDS", 0.5)
-    with trio.fail_after(60):  # a guard: before, hypercorn's connection stayed open once it had sent all
+    with trio.fail_after(60):  # a guard: before, the service never closed its end
         async with service_with_backend(nats_server, start_backend) as (service, _):
             host, port = service.url.removeprefix("http://").rsplit(":", 1)
             client = trio.socket.socket()
@@ -319,9 +319,24 @@ async def test_a_client_that_stops_reading_its_answers_is_disconnected(
                         await stream.send_all(request_bytes * requests)
 
                 nursery.start_soon(send_requests)
-                await trio.sleep(2)  # the scenario: a client that reads nothing for longer than the timeout
+                # Reading nothing, until the service has closed its end (before: never).
+                while True:
+                    if not _service_end_open(int(port), client.getsockname()[1]):
+                        break
+                    await trio.sleep(0.05)
                 received = b""
                 with contextlib.suppress(trio.BrokenResourceError):  # reset: the service closed with requests unread
                     while data := await stream.receive_some(65536):
                         received += data
     assert received.count(b"HTTP/1.1 ") < requests
+
+
+def _service_end_open(service_port: int, client_port: int) -> bool:
+    """Whether the service's end of the connection from ``client_port`` is still established (/proc/net/tcp)."""
+    established = "01"
+    with open("/proc/net/tcp") as table:
+        for row in table.readlines()[1:]:
+            local, remote, state = row.split()[1:4]
+            if int(local.rsplit(":", 1)[1], 16) == service_port and int(remote.rsplit(":", 1)[1], 16) == client_port:
+                return state == established
+    return False
