@@ -292,7 +292,10 @@ class PullConsumer:
                 await self._changed.wait()
             if not self._changed.is_set():
                 self._failure = "no answer to a pull"
-                await self._js._close_if_silent(self._link)
+                # Lost on the way (a consumer's leader gone), or the connection went silent (a
+                # host gone without a FIN): a PING the server does not answer within the link's
+                # timeout closes it, or every consumer that re-opens would get the same dead link.
+                await self._link.flush()
         if not self._arrived and self._failure is not None:
             raise NatsUnavailable(f"fetch failed: {self._failure}")
         deliveries: list[Delivery] = []
@@ -474,7 +477,7 @@ class JetStream:
                     server,
                     "telephony-forwarder",
                     CONNECT_TIMEOUT_SECONDS,
-                    send_timeout=self.config.publish_timeout_seconds,
+                    io_timeout=self.config.publish_timeout_seconds,
                 ) as link:
                     self._link.value = link
                     if not started:
@@ -497,18 +500,6 @@ class JetStream:
             with trio.move_on_after(self.config.publish_timeout_seconds):
                 return await self._link.wait_value(lambda link: link is not None and not link.closed)
         raise NatsUnavailable("not connected to NATS")
-
-    async def _close_if_silent(self, link: NatsLink) -> None:
-        """Close ``link`` unless its server answers a PING within the publish timeout.
-
-        A pull left unanswered was lost on the way (a consumer's leader gone) or the
-        connection went silent (a host gone without a FIN): then every consumer that
-        re-opens would get the same dead link, and only a publish timing out would replace it.
-        """
-        with trio.move_on_after(self.config.publish_timeout_seconds):
-            await link.flush()
-            return
-        link.close()
 
     async def _flush_link(self) -> None:
         """Until the server has read what was sent over the link (the acks: no answer says so)."""
@@ -701,15 +692,12 @@ class JetStream:
     async def _request_all(self, link: NatsLink, requests: Sequence[Request]) -> list[Reply | None]:
         """Send ``requests`` over ``link``; their replies (None: none) within the publish timeout.
 
-        A request left unanswered closes the link: a server that does not
-        answer in time is not trusted with the next ones.
+        A request left unanswered that long closes the link (the link's own timeout): a
+        server that does not answer in time is not trusted with the next ones.
         """
         pending = await link.send_requests(requests)
         try:
-            with trio.move_on_after(self.config.publish_timeout_seconds) as waited:
-                await pending.wait_answered()
-            if waited.cancelled_caught:
-                link.close()
+            await pending.wait_answered()
         finally:
             replies = pending.collect()
         return replies

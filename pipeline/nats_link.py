@@ -11,7 +11,11 @@ to an inbox of its own (``listen``), and an ack is a message with no reply
 and the connection state the service follows (``JetStream.connected``).
 
 A link is one connection. It never reconnects: when it breaks every request
-waiting on it gets no answer, and ``JetStream`` opens another.
+waiting on it gets no answer, and ``JetStream`` opens another. It closes itself
+when the server does not take a send, or does not answer, within its timeout:
+a server late once is not trusted with the next requests. The answers are
+timed by one task for the whole link, not by a timer per request (trio's
+cancel scope costs ~10 µs, and every event is a request).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ MAX_LINE = 1024 * 1024
 _REPLIES = b"R."
 _LISTENER = b"L"
 _CRLF = b"\r\n"
+# While no answer is awaited, how often the link looks again: an answer awaited from then on
+# is found late within 1.25 × the timeout.
+_IDLE_CHECKS_PER_TIMEOUT = 4
 
 
 class LinkError(Exception):
@@ -98,6 +105,11 @@ class PendingReplies:
         if not tokens:
             self._answered.set()
 
+    @property
+    def done(self) -> trio.Event:
+        """Set once every request has its reply or no longer waits for one (collected)."""
+        return self._answered
+
     def _settle(self, index: int, reply: Reply | None) -> None:
         self._replies[index] = reply
         self._unanswered -= 1
@@ -112,6 +124,7 @@ class PendingReplies:
         """One reply per request, in order; None where none came. Later replies are dropped."""
         for token in self._tokens:
             self._link._waiting.pop(token, None)
+        self._answered.set()  # nothing awaited any more: not late, whatever comes
         return self._replies
 
 
@@ -120,11 +133,13 @@ class NatsLink:
 
     ``send_requests`` may be called from many tasks at once; ``serve`` must
     run (in its own task) for replies to arrive, and returns when the connection ends.
+    A send not taken whole within ``io_timeout``, or a reply (a flush's PONG) not
+    come within it, closes the link.
     """
 
-    def __init__(self, stream: trio.abc.Stream, info: dict, inbox: bytes, leftover: bytes, send_timeout: float) -> None:
+    def __init__(self, stream: trio.abc.Stream, info: dict, inbox: bytes, leftover: bytes, io_timeout: float) -> None:
         self._stream = stream
-        self._send_timeout = send_timeout
+        self._timeout = io_timeout
         self.max_payload: int = info.get("max_payload", 1024 * 1024)
         self._buffer = bytearray(leftover)
         self._send_lock = trio.Lock()
@@ -136,6 +151,8 @@ class NatsLink:
         self._listeners: dict[bytes, Callable[[Reply | None], None]] = {}
         self._next_sid = 2
         self._pongs_awaited: deque[trio.Event] = deque()  # the flushes' PINGs, in the order sent
+        # What was sent and awaits an answer, in the order sent: by when, and set once answered.
+        self._awaited: deque[tuple[float, trio.Event]] = deque()
         self.closed = False
 
     async def send_requests(self, requests: Sequence[Request]) -> PendingReplies:
@@ -155,6 +172,7 @@ class NatsLink:
         except BaseException:  # cancelled waiting for the send lock: nothing was sent
             pending.collect()
             raise
+        self._awaited.append((trio.current_time() + self._timeout, pending.done))
         return pending
 
     async def publish(self, messages: Sequence[Request], reply_to: bytes = b"") -> None:
@@ -171,6 +189,7 @@ class NatsLink:
         answered = trio.Event()
         self._pongs_awaited.append(answered)
         await self._send(b"PING\r\n")
+        self._awaited.append((trio.current_time() + self._timeout, answered))
         await answered.wait()
 
     async def listen(self, on_message: Callable[[Reply | None], None]) -> bytes:
@@ -206,9 +225,9 @@ class NatsLink:
                 sent = write_now(self._stream, data)
                 if sent < len(data):
                     # A send cut short would leave half a command on the wire: it finishes
-                    # (by the caller's deadline, and within the send timeout: a server that
+                    # (by the caller's deadline, and within the timeout: a server that
                     # stopped reading must not hold every sender behind this lock), or the link is closed.
-                    deadline = min(trio.current_effective_deadline(), trio.current_time() + self._send_timeout)
+                    deadline = min(trio.current_effective_deadline(), trio.current_time() + self._timeout)
                     with trio.CancelScope(shield=True, deadline=deadline) as sending:
                         await self._stream.send_all(memoryview(data)[sent:])
                     if sending.cancelled_caught:
@@ -237,7 +256,38 @@ class NatsLink:
         transport.socket.close()
 
     async def serve(self) -> None:
-        """Read replies (and answer the server's pings) until the connection ends."""
+        """Read replies (and answer the server's pings) until the connection ends; the link is closed then.
+
+        Raises what ended the connection, unless it was ``close``.
+        """
+        failure: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._close_when_late)
+            try:
+                await self._read()
+            except BaseException as error:  # raised below, not as a group of the nursery's
+                failure = error
+            finally:
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _close_when_late(self) -> None:
+        """Close the link once an answer it awaits is later than the timeout."""
+        awaited = self._awaited
+        while True:
+            while awaited and awaited[0][1].is_set():
+                awaited.popleft()
+            if not awaited:
+                await trio.sleep(self._timeout / _IDLE_CHECKS_PER_TIMEOUT)
+                continue
+            deadline, answered = awaited[0]
+            await trio.sleep_until(deadline)
+            if not answered.is_set():
+                self.close()
+                return
+
+    async def _read(self) -> None:
         try:
             while not self.closed:
                 line = await self._line()
@@ -307,11 +357,12 @@ class NatsLink:
 
 @asynccontextmanager
 async def open_nats_link(
-    url: ParseResult, name: str, connect_timeout: float, tls: ssl.SSLContext | None = None, *, send_timeout: float
+    url: ParseResult, name: str, connect_timeout: float, tls: ssl.SSLContext | None = None, *, io_timeout: float
 ) -> AsyncIterator[NatsLink]:
     """Connect to the server at ``url`` (``nats://`` or ``tls://``, credentials as nats-py reads them).
 
-    A send the server does not take whole within ``send_timeout`` closes the link.
+    A send the server does not take whole within ``io_timeout``, or an answer it does not
+    send within it, closes the link.
 
     TLS, when the URL or the server asks for it, as nats-py does it: the
     system's trusted CAs (or ``tls``'s), after the server's INFO.
@@ -358,7 +409,7 @@ async def open_nats_link(
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-    link = NatsLink(stream, info, inbox, leftover, send_timeout)
+    link = NatsLink(stream, info, inbox, leftover, io_timeout)
     try:
         yield link
     finally:

@@ -61,7 +61,7 @@ async def test_replies_come_back_in_order_whole_and_with_their_status(nats_serve
     # Larger than one read from the socket: a reply arrives in pieces.
     large = bytes(range(256)) * 1024
     with trio.fail_after(10):
-        async with open_nats_link(urlparse(nats_server.url), "test", 2, send_timeout=2) as link:
+        async with open_nats_link(urlparse(nats_server.url), "test", 2, io_timeout=2) as link:
             nursery.start_soon(link.serve)
             pending = await link.send_requests(
                 [
@@ -89,7 +89,7 @@ async def test_requests_waiting_when_the_link_closes_get_no_answer(nats_server: 
     # A subscriber that never answers keeps the request waiting.
     await nursery.start(partial(run_echo_responder, nats_server.url, b"elsewhere"))
     with trio.fail_after(10):
-        async with open_nats_link(urlparse(nats_server.url), "test", 2, send_timeout=2) as link:
+        async with open_nats_link(urlparse(nats_server.url), "test", 2, io_timeout=2) as link:
             nursery.start_soon(serve, link)
             waiting = await link.send_requests([Request("$JS.API.INFO", b""), Request("elsewhere.silent", b"x")])
             link.close()
@@ -102,12 +102,45 @@ async def test_requests_waiting_when_the_link_closes_get_no_answer(nats_server: 
     assert after_close.collect() == [None]
 
 
+async def run_silent_subscriber(url: str, subject: bytes, *, task_status: trio.TaskStatus[None]) -> None:
+    """A plain NATS client subscribed to ``subject`` that reads each request and never answers."""
+    parsed = urlparse(url)
+    assert parsed.hostname is not None and parsed.port is not None
+    async with await trio.open_tcp_stream(parsed.hostname, parsed.port) as stream:
+        await stream.send_all(b'CONNECT {"verbose":false}\r\nSUB %s 1\r\nPING\r\n' % subject)
+        received = b""
+        while b"PONG\r\n" not in received:
+            received += await stream.receive_some(65536)
+        task_status.started()
+        while await stream.receive_some(65536):
+            pass
+
+
+async def test_a_request_left_unanswered_closes_the_link_after_its_timeout(
+    nats_server: NatsServer, nursery: trio.Nursery
+):
+    # A server that does not answer in time is not trusted with the next requests. The link keeps
+    # that time itself: the callers wait with no timer of their own.
+    await nursery.start(run_silent_subscriber, nats_server.url, b"silent")
+    with trio.fail_after(10):  # a guard: before, the request waited for as long as the link stayed up
+        async with open_nats_link(urlparse(nats_server.url), "test", 2, io_timeout=0.5) as link:
+            nursery.start_soon(link.serve)
+            answered = await link.send_requests([Request("$JS.API.INFO", b"")])
+            await answered.wait_answered()
+            unanswered = await link.send_requests([Request("silent", b"x")])
+            await unanswered.wait_answered()
+            closed = link.closed
+    assert answered.collect()[0] is not None
+    assert unanswered.collect() == [None]
+    assert closed
+
+
 async def test_a_message_to_a_listened_inbox_crosses_the_wire_once(nats_server: NatsServer, nursery: trio.Nursery):
     # A consumer's deliveries come to such an inbox: events up to max_payload each, which the
     # server counts against what it holds for this connection before dropping it as slow.
     arrived: list = []
     with trio.fail_after(10):
-        async with open_nats_link(urlparse(nats_server.url), "listening", 2, send_timeout=2) as link:
+        async with open_nats_link(urlparse(nats_server.url), "listening", 2, io_timeout=2) as link:
             nursery.start_soon(link.serve)
             inbox = await link.listen(arrived.append)
             await link.publish([Request(inbox.decode(), b"hello")])
@@ -129,7 +162,7 @@ async def test_a_send_a_stopped_server_does_not_read_closes_the_link_instead_of_
         await link.send_requests([Request("nobody.listens", b"x" * 900_000) for _ in range(16)])
         returned.set()
 
-    async with open_nats_link(urlparse(nats_server.url), "stopped", 2, send_timeout=1) as link:
+    async with open_nats_link(urlparse(nats_server.url), "stopped", 2, io_timeout=1) as link:
         nursery.start_soon(link.serve)
         with nats_server.frozen():
             nursery.start_soon(send_more_than_the_sockets_hold, link)
@@ -143,14 +176,14 @@ async def test_a_send_a_stopped_server_does_not_read_closes_the_link_instead_of_
 async def test_a_link_with_wrong_credentials_is_refused(tmp_path: Path, nursery: trio.Nursery):
     url = urlparse(await nursery.start(partial(serve_limited_nats, tmp_path, max_consumers=4)))
     with trio.fail_after(10):
-        async with open_nats_link(url, "test", 2, send_timeout=2) as link:
+        async with open_nats_link(url, "test", 2, io_timeout=2) as link:
             nursery.start_soon(link.serve)
             pending = await link.send_requests([Request("$JS.API.INFO", b"")])
             await pending.wait_answered()
             assert pending.collect()[0] is not None
         wrong = url._replace(netloc=f"app:wrong@{url.hostname}:{url.port}")
         with pytest.raises(LinkError, match="refused the connection"):
-            async with open_nats_link(wrong, "test", 2, send_timeout=2):
+            async with open_nats_link(wrong, "test", 2, io_timeout=2):
                 pass
 
 
@@ -168,7 +201,7 @@ async def test_a_link_to_a_server_that_requires_tls(tmp_path: Path, nursery: tri
         # A nats:// URL too: the server's INFO says TLS is required.
         for scheme in ("tls", "nats"):
             async with open_nats_link(
-                urlparse(f"{scheme}://127.0.0.1:{port}"), "test", 2, trusting, send_timeout=2
+                urlparse(f"{scheme}://127.0.0.1:{port}"), "test", 2, trusting, io_timeout=2
             ) as link:
                 nursery.start_soon(link.serve)
                 pending = await link.send_requests([Request("nobody.listens", b"x")])
@@ -177,7 +210,7 @@ async def test_a_link_to_a_server_that_requires_tls(tmp_path: Path, nursery: tri
             assert reply is not None and reply.status == "503"
         # Not trusted: refused, never sent in the clear.
         with pytest.raises(trio.BrokenResourceError) as refused:
-            async with open_nats_link(urlparse(f"tls://127.0.0.1:{port}"), "test", 2, send_timeout=2):
+            async with open_nats_link(urlparse(f"tls://127.0.0.1:{port}"), "test", 2, io_timeout=2):
                 pass
         assert isinstance(refused.value.__cause__, ssl.SSLCertVerificationError)
 
