@@ -18,6 +18,7 @@ from pipeline.config import Config, ConfigError, load_config
 from pipeline.embedded_nats import EmbeddedNatsError
 from pipeline.log_setup import LEVELS, configure_logging
 from pipeline.supervisor import run_service
+from web.server import ListenError
 
 log = structlog.get_logger(component="main")
 
@@ -111,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _operator_error(error: BaseException) -> ConfigError | EmbeddedNatsError | None:
-    """The configuration or embedded-server error inside ``error`` (nurseries wrap it in groups)."""
-    if isinstance(error, ConfigError | EmbeddedNatsError):
+def _operator_error(error: BaseException) -> ConfigError | EmbeddedNatsError | ListenError | None:
+    """The configuration, listening or embedded-server error inside ``error`` (nurseries wrap it in groups)."""
+    if isinstance(error, ConfigError | EmbeddedNatsError | ListenError):
         return error
     if isinstance(error, BaseExceptionGroup):
         for inner in error.exceptions:

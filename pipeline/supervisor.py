@@ -26,7 +26,7 @@ from pipeline.nats_bridge import Delivery, open_jetstream
 from pipeline.routes import Routes, open_routes
 from web.app import create_app
 from web.ingress import EventIngress
-from web.server import serve_http
+from web.server import HttpListener, ListenError, listen_http, serve_http
 
 log = structlog.get_logger(component="supervisor")
 
@@ -90,6 +90,38 @@ async def _run_pipeline(
     *,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
+    """The HTTP addresses bound first (a port in use ends the start before NATS is touched), then the pipeline."""
+    listeners = _listen(config)
+    try:
+        await _run_listening(config, config_path, routes, stopping, log_writer, listeners, task_status=task_status)
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
+def _listen(config: Config) -> list[HttpListener]:
+    """The public address, and the admin surface's when it has its own (``admin.listen``), bound."""
+    public = listen_http(config.server)
+    if config.admin.listen is None:
+        return [public]
+    host, _, port = config.admin.listen.rpartition(":")
+    try:
+        return [public, listen_http(config.server.model_copy(update={"host": host, "port": int(port)}))]
+    except ListenError:
+        public.close()
+        raise
+
+
+async def _run_listening(
+    config: Config,
+    config_path: Path | None,
+    routes: AsyncValue[Routes],
+    stopping: trio.Event,
+    log_writer: LogWriter | None,
+    listeners: list[HttpListener],
+    *,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
     """Shutdown order: the HTTP server stops accepting and finishes its requests;
     the ingress publishes what it was given; the subscriber stops fetching and
     the forwarders finish their in-flight events (bounded by the grace period);
@@ -148,7 +180,7 @@ async def _run_pipeline(
                     routes=routes,
                     stopping=stopping,
                 )
-                binds = await actors.start(_serve_until_stopped, make_app, config, stopping, publish_send)
+                binds = await actors.start(_serve_until_stopped, make_app, listeners, stopping, publish_send)
                 log.info("Service ready", listening=binds, routes=len(config.routes), nats=url)
                 task_status.started(binds)
         root.cancel_scope.cancel()
@@ -157,7 +189,7 @@ async def _run_pipeline(
 
 async def _serve_until_stopped(
     make_app: Callable[..., QuartTrio | EventIngress],
-    config: Config,
+    listeners: list[HttpListener],
     stopping: trio.Event,
     publish_send: trio.MemorySendChannel[PublishRequest],
     *,
@@ -167,14 +199,13 @@ async def _serve_until_stopped(
     # The HTTP handlers are the only senders to the ingress: once the servers
     # have finished their last requests, closing this end lets the ingress drain and stop.
     with publish_send:
-        if config.admin.listen is None:
-            await serve_http(make_app(surface="all"), config.server, stopping, task_status=task_status)
+        if len(listeners) == 1:
+            await serve_http(make_app(surface="all"), listeners[0], stopping, task_status=task_status)
             return
-        host, _, port = config.admin.listen.rpartition(":")
-        admin_server = config.server.model_copy(update={"host": host, "port": int(port)})
+        public_listener, admin_listener = listeners
         async with trio.open_nursery() as servers:
-            public = await servers.start(serve_http, make_app(surface="public"), config.server, stopping)
-            admin = await servers.start(serve_http, make_app(surface="admin"), admin_server, stopping)
+            public = await servers.start(serve_http, make_app(surface="public"), public_listener, stopping)
+            admin = await servers.start(serve_http, make_app(surface="admin"), admin_listener, stopping)
             task_status.started(public + admin)
 
 

@@ -331,6 +331,12 @@ class NatsServer:
         [connection] = [info for info in response.json()["connections"] if info.get("name") == name]
         return connection
 
+    async def total_connections(self) -> int:
+        """How many client connections the server has accepted since it started (/varz)."""
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"http://127.0.0.1:{self.monitor_port}/varz")
+        return response.json()["total_connections"]
+
     async def consumer_state(self, stream: str, consumer: str) -> dict[str, Any]:
         """The consumer's state from the server's monitoring endpoint (/jsz)."""
         consumers = await self.consumers(stream)

@@ -274,6 +274,45 @@ async def test_a_second_instance_on_the_same_data_dir_exits_2_and_the_first_runs
     assert not (store / "nats-server.pid").exists()  # removed on a clean stop
 
 
+async def test_a_second_instance_on_the_same_port_exits_1_with_one_line_before_touching_nats(
+    nats_server: NatsServer, nursery: trio.Nursery, tmp_path: Path
+):
+    # Regression: it connected to NATS and started its consumers (taking events meant for the
+    # first), and only then failed to bind, with a 110-line exception-group traceback.
+    backend = Backend()
+    await nursery.start(serve_backend, backend)
+    port, config = _cli_config(tmp_path, nats_server.url, backend.url)
+    second_config = tmp_path / "second.yaml"
+    second_config.write_text(config.read_text().replace(str(tmp_path / "logs"), str(tmp_path / "second-logs")))
+    with trio.fail_after(60):
+        first = await trio.lowlevel.open_process(
+            [*COMMAND, "-config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        try:
+            log = _LogReader(first.stdout)
+            await log.wait_for("Service ready")
+            connections_before = await nats_server.total_connections()
+            second = await trio.run_process(
+                [*COMMAND, "-config", str(second_config)], capture_stdout=True, capture_stderr=True, check=False
+            )
+            connections_after = await nats_server.total_connections()
+            async with httpx.AsyncClient() as client:
+                response = await client.post(f"http://127.0.0.1:{port}/events", json=call_event("ok.vn", "first"))
+            await backend.wait_count(1)
+            first.send_signal(signal.SIGTERM)
+            assert await first.wait() == 0
+        finally:
+            if first.returncode is None:
+                first.kill()
+    assert second.returncode == 1
+    assert second.stderr.decode().strip().splitlines() == [
+        f"telephony-forwarder: cannot listen on 127.0.0.1:{port}: address already in use"
+    ]
+    assert connections_after == connections_before
+    assert response.status_code == 202
+    assert backend.attempts_of("first") == [1]
+
+
 def _cli_config(tmp_path: Path, nats_url: str, backend_url: str) -> tuple[int, Path]:
     """A config file for the CLI on a free port, routing ok.vn to ``backend_url``: the port and the file."""
     port = free_port()

@@ -37,6 +37,7 @@ import structlog
 import trio
 import trio_util
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -309,11 +310,13 @@ class IngressFront:
 async def serve_front(
     ingress: EventIngress,
     config: HypercornConfig,
+    sockets: Sockets,
     stopping: trio.Event,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """``hypercorn.trio.serve(ingress, config, shutdown_trigger=stopping.wait)``, with the front reading connections."""
+    """``hypercorn.trio.serve(ingress, config, shutdown_trigger=stopping.wait)`` on ``sockets`` (listening),
+    with the front reading connections."""
     app = wrap_app(ingress, config.wsgi_max_body_size, "asgi")
     lifespan_state: dict = {}
     lifespan = Lifespan(app, config, lifespan_state)
@@ -327,18 +330,16 @@ async def serve_front(
             config.keep_alive_timeout,
         )
         async with trio.open_nursery() as connections:
-            sockets = config.create_sockets().insecure_sockets
-            listeners = []
-            for sock in sockets:
-                sock.listen(config.backlog)
-                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets.insecure_sockets]
             try:
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(
                         partial(trio.serve_listeners, front.serve_connection, listeners, handler_nursery=connections)
                     )
                     accepting.start_soon(front.close_idle)
-                    task_status.started([f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets])
+                    task_status.started(
+                        [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets.insecure_sockets]
+                    )
                     await stopping.wait()
                     accepting.cancel_scope.cancel()
             finally:
