@@ -33,6 +33,8 @@ _READY = b"Server is ready"
 STOP_TIMEOUT_SECONDS = 10.0
 START_TIMEOUT_SECONDS = 30.0
 RESTART_DELAY_SECONDS = 1.0
+# A restart that failed is tried again with twice the time to start, up to this many times the first.
+MAX_START_TIMEOUT_FACTOR = 16
 # In the data directory: the owner's lock (holding its pid), and the server's own files.
 LOCK_FILE = "instance.lock"
 PID_FILE = "nats-server.pid"
@@ -159,9 +161,13 @@ class EmbeddedNats:
 
     ``run`` owns the data directory for as long as it runs (``DataDirInUse``
     if another instance does), stops a server a killed predecessor left on it,
-    and reports the client URL once the server says it is ready. If the
-    server dies on its own, it is restarted on the same port after a second
-    (clients reconnect; /health shows 503 meanwhile). On cancellation the
+    and reports the client URL once the server says it is ready (or raises
+    ``EmbeddedNatsError``: the operator's to fix). If the server dies on its
+    own, it is restarted on the same port after a second (clients reconnect;
+    /health shows 503 meanwhile); a restart that fails (its port taken
+    meanwhile, a store slow to recover) is logged and tried again, each time
+    with twice as long to start: once the service runs, nothing of the
+    server's ends it. On cancellation the
     server gets SIGTERM and up to ``STOP_TIMEOUT_SECONDS`` to flush its store;
     its pid file is removed once it has stopped.
     """
@@ -201,12 +207,14 @@ class EmbeddedNats:
             await self._serve(binary, task_status)
 
     async def _serve(self, binary: Path, task_status: trio.TaskStatus[str]) -> None:
+        started = False
+        start_timeout = START_TIMEOUT_SECONDS
         while True:
             process = _ServerProcess([str(binary), "-c", str(self._write_config())])
             try:
                 lines = _read_lines(process.stderr)
                 output: list[str] = []
-                with trio.move_on_after(START_TIMEOUT_SECONDS):
+                with trio.move_on_after(start_timeout):
                     async for line in lines:
                         output.append(line.decode(errors="replace"))
                         log.debug(output[-1])
@@ -216,19 +224,24 @@ class EmbeddedNats:
                             break
                 if not output or _READY.decode() not in output[-1]:
                     last = output[-1] if output else "no output"
-                    raise EmbeddedNatsError(f"nats-server did not start: {last}")
-                log.info("Embedded nats-server ready", url=self.url, store=str(self.data_dir))
-                task_status.started(self.url)
-                task_status = trio.TASK_STATUS_IGNORED
-                async for line in lines:
-                    log.debug(line.decode(errors="replace"))
-                code = await process.wait()
+                    if not started:
+                        raise EmbeddedNatsError(f"nats-server did not start: {last}")
+                    log.error("Embedded nats-server did not start again; retrying", reason=last)
+                    start_timeout = min(2 * start_timeout, MAX_START_TIMEOUT_FACTOR * START_TIMEOUT_SECONDS)
+                else:
+                    log.info("Embedded nats-server ready", url=self.url, store=str(self.data_dir))
+                    start_timeout = START_TIMEOUT_SECONDS
+                    if not started:
+                        task_status.started(self.url)
+                        started = True
+                    async for line in lines:
+                        log.debug(line.decode(errors="replace"))
+                    log.error("Embedded nats-server exited; restarting it", returncode=await process.wait())
             finally:
                 with trio.CancelScope(shield=True):
                     await process.stop()
                 if _read_pid(self.data_dir / PID_FILE) == process.pid:
                     (self.data_dir / PID_FILE).unlink(missing_ok=True)
-            log.error("Embedded nats-server exited; restarting it", returncode=code)
             await trio.sleep(RESTART_DELAY_SECONDS)
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import structlog
 import trio
 
+import pipeline.embedded_nats
 from pipeline.embedded_nats import DataDirInUse, EmbeddedNats, server_binary
 from tests.harness import free_port
 
@@ -174,3 +177,39 @@ async def test_the_server_runs_on_one_core_unless_the_environment_says_otherwise
     await nursery.start(EmbeddedNats(tmp_path).run)
     pid = int((tmp_path / "nats-server.pid").read_text())
     assert _environment(pid)["GOMAXPROCS"] == expected
+
+
+async def test_a_restart_that_fails_is_tried_again_and_the_server_comes_back_on_its_port(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+):
+    # Regression: the server died, and its restart found the port taken meanwhile (any outgoing
+    # connection of the host may get it as its source port): EmbeddedNatsError ended the service.
+    monkeypatch.setattr(pipeline.embedded_nats, "RESTART_DELAY_SECONDS", 2.0)  # time to take the port
+    with structlog.testing.capture_logs() as records, trio.fail_after(60):
+        url = await nursery.start(EmbeddedNats(tmp_path).run)
+        port = int(url.rpartition(":")[2])
+        os.kill(int((tmp_path / "nats-server.pid").read_text()), signal.SIGKILL)
+        with socket.socket() as holder:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            while True:  # free once the killed server is gone
+                try:
+                    holder.bind(("127.0.0.1", port))
+                    break
+                except OSError:
+                    await trio.sleep(0.01)
+            holder.listen()
+            while True:
+                if any(r["event"] == "Embedded nats-server did not start again; retrying" for r in records):
+                    break
+                await trio.sleep(0.05)
+        while True:  # the port free again: the next try takes it
+            if await _answers(url):
+                break
+            await trio.sleep(0.05)
+    messages = [r["event"] for r in records if r["log_level"] != "debug"]
+    assert messages == [
+        "Embedded nats-server ready",
+        "Embedded nats-server exited; restarting it",
+        "Embedded nats-server did not start again; retrying",
+        "Embedded nats-server ready",
+    ]
