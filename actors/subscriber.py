@@ -249,6 +249,7 @@ class Subscriber:
                 await trio_util.wait_any(
                     self._stopping.wait, partial(self._routes.wait_value, partial(operator.is_not, routes))
                 )
+            task_status.started()  # stopping before the first round: nothing to serve
             for domain, state in self._domains.items():
                 state.woken.set()
                 self._stop_feeding(domain)

@@ -128,7 +128,19 @@ async def _run_listening(
     the acknowledger sends the last acks; NATS is drained; the embedded server
     stops last.
     """
+    ready = False
+
+    async def end_start_if_stopping() -> None:
+        # A signal before the service is ready ends the start where it is (waiting for an
+        # unreachable NATS, setting up streams): nothing was accepted yet. Once it is ready,
+        # stopping is the orderly shutdown below.
+        await stopping.wait()
+        if not ready:
+            log.info("Stopping before the service was ready")
+            root.cancel_scope.cancel()
+
     async with trio.open_nursery() as root:
+        root.start_soon(end_start_if_stopping)
         if config.nats.embedded:
             embedded = EmbeddedNats(config.nats.data_dir, sync_always=config.nats.sync_always)
             url = await root.start(embedded.run)
@@ -181,6 +193,7 @@ async def _run_listening(
                     stopping=stopping,
                 )
                 binds = await actors.start(_serve_until_stopped, make_app, listeners, stopping, publish_send)
+                ready = True
                 log.info("Service ready", listening=binds, routes=len(config.routes), nats=url)
                 task_status.started(binds)
         root.cancel_scope.cancel()

@@ -313,6 +313,46 @@ async def test_a_second_instance_on_the_same_port_exits_1_with_one_line_before_t
     assert backend.attempts_of("first") == [1]
 
 
+@pytest.mark.parametrize(
+    ("nats_url", "signalled_after"),
+    [
+        pytest.param("embedded", "Embedded nats-server ready", id="embedded, the server just up"),
+        pytest.param(f"nats://127.0.0.1:{free_port()}", "NATS error", id="NATS unreachable"),
+    ],
+)
+async def test_sigterm_during_start_up_stops_it_and_exits_0(tmp_path: Path, nats_url: str, signalled_after: str):
+    # Regression: a signal while the service started (systemctl stop or restart during a slow
+    # start) exited 1 with a traceback (a subscriber that never said it had started), or, with
+    # NATS unreachable, was ignored until NATS answered.
+    config = tmp_path / "config.yaml"
+    write_config(
+        config,
+        nats_url,
+        {"ok.vn": ["http://127.0.0.1:9/"]},
+        server={"port": free_port()},
+        nats={"data_dir": str(tmp_path / "nats")},
+        logging={"dir": str(tmp_path / "logs")},
+    )
+    with trio.fail_after(60):  # before the fix, with NATS unreachable: until NATS answered
+        process = await trio.lowlevel.open_process(
+            [*COMMAND, "-config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            log = _LogReader(process.stdout)
+            await log.wait_for(signalled_after)
+            process.send_signal(signal.SIGTERM)
+            await log.wait_for("Service stopped")
+            errors = b""
+            while chunk := await process.stderr.receive_some():
+                errors += chunk
+            returncode = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+    assert errors.decode() == ""
+    assert returncode == 0
+
+
 def _cli_config(tmp_path: Path, nats_url: str, backend_url: str) -> tuple[int, Path]:
     """A config file for the CLI on a free port, routing ok.vn to ``backend_url``: the port and the file."""
     port = free_port()
