@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,11 @@ def line(domain: str, day: str, number: int, msg: str = "Event forwarded success
     return DomainLogLine(domain, day, json.dumps(record).encode() + b"\n")
 
 
+def housekeep(files: DomainLogFiles) -> None:
+    """What the log writer's housekeeping task does after a write that closed files."""
+    files.housekeep(None, threading.Event())
+
+
 def all_lines(directory: Path, day: str) -> list[int]:
     numbers = []
     for log_file in log_files(directory):
@@ -75,13 +82,15 @@ def test_files_roll_by_size_and_day_without_dropping_or_repeating_lines(tmp_path
     files = DomainLogFiles(tmp_path, LoggingConfig(max_file_size=1000, max_backups=30, max_age_days=30))
     files.write([line("ok.vn", "2026-01-04", n) for n in range(40)], routed=ROUTED)
     files.write([line("ok.vn", "2026-01-04", n) for n in range(40, 60)], routed=ROUTED)
+    housekeep(files)
     directory = tmp_path / "ok_vn"
     names = sorted(p.name for p in directory.iterdir())
     assert "2026-01-04.log" in names and "2026-01-04.1.log.gz" in names and ".domain" in names
     assert all(p.stat().st_size <= 1000 for p in directory.glob("*.log"))
     assert all_lines(directory, "2026-01-04") == list(range(60))
 
-    files.write([line("ok.vn", "2026-01-05", 60)], routed=ROUTED)  # a new UTC day closes and compresses the old one
+    files.write([line("ok.vn", "2026-01-05", 60)], routed=ROUTED)  # a new UTC day closes the old one
+    housekeep(files)  # which is then compressed
     assert (directory / "2026-01-04.log.gz").exists() and not (directory / "2026-01-04.log").exists()
     assert all_lines(directory, "2026-01-04") == list(range(60))
     assert all_lines(directory, "2026-01-05") == [60]
@@ -92,10 +101,12 @@ def test_retention_deletes_old_days_and_keeps_at_most_max_backups(tmp_path: Path
     files = DomainLogFiles(tmp_path, LoggingConfig(max_file_size=10**6, max_backups=3, max_age_days=5))
     for day in range(1, 9):
         files.write([line("ok.vn", f"2026-01-{day:02d}", day)], routed=ROUTED)
+        housekeep(files)
     directory = tmp_path / "ok_vn"
     # Closed days 05, 06, 07 kept (3 backups), 08 open.
     assert sorted(f.day for f in log_files(directory)) == ["2026-01-05", "2026-01-06", "2026-01-07", "2026-01-08"]
     files.write([line("ok.vn", "2026-01-20", 20)], routed=ROUTED)  # days older than 5 days before the 20th go
+    housekeep(files)
     assert sorted(f.day for f in log_files(directory)) == ["2026-01-20"]
     files.close()
 
@@ -130,6 +141,7 @@ def test_read_day_pages_newest_first_over_plain_and_gzip_parts(tmp_path: Path):
             records.append(line("ok.vn", "2026-01-04", n))
     records.append(line("ok.vn", "2026-01-04", 99, msg="Forwarding event"))
     files.write(records, routed=ROUTED)
+    housekeep(files)
     files.close()
     directory = tmp_path / "ok_vn"
     assert any(f.compressed for f in log_files(directory)) and any(not f.compressed for f in log_files(directory))
@@ -189,6 +201,7 @@ def test_domains_without_a_route_share_the_unrouted_directory(tmp_path: Path):
     files.write([line("ok.vn", "2026-01-05", 101), line("stranger-0.vn", "2026-01-05", 61)], routed=ROUTED)
     # The routes change: a domain that gains one gets its own directory from then on.
     files.write([line("stranger-0.vn", "2026-01-05", 62)], routed=ROUTED | {"stranger-0.vn"})
+    housekeep(files)
     files.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == [UNROUTED, "ok_vn", "stranger-0_vn"]
     unrouted = tmp_path / UNROUTED
@@ -227,3 +240,70 @@ async def test_lines_waiting_for_the_disk_are_bounded_in_bytes_not_only_in_lines
     await writer.run()  # writes what waits, then ends: its inbox is closed
     assert router.waiting_bytes == 0
     assert len((tmp_path / "ok_vn" / "2026-01-04.log").read_bytes().splitlines()) == 2
+
+
+async def test_lines_are_written_while_a_closed_day_is_compressed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # Regression: the writer's own thread compressed each file it closed (a day's 500 MB takes tens
+    # of seconds, and at midnight every domain's closes at once); the lines waited meanwhile, and
+    # beyond the queue's bounds they were dropped.
+    compressing, may_finish = threading.Event(), threading.Event()
+    compress = log_writer._compress
+
+    def held_compress(path: Path, *args) -> None:
+        compressing.set()
+        may_finish.wait(15)  # bounded: a writer stuck here (the bug) must not hang the test
+        compress(path, *args)
+
+    monkeypatch.setattr(log_writer, "_compress", held_compress)
+    send, receive = trio.open_memory_channel[DomainLogLine](100)
+    files = DomainLogFiles(tmp_path, LoggingConfig())
+    writer = LogWriter(receive, files, DomainLogRouter(), open_routes({"ok.vn": ()}))
+    directory = tmp_path / "ok_vn"
+    try:
+        with trio.fail_after(10):  # a guard: before, the third line waited for the compression
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                await send.send(line("ok.vn", "2026-01-04", 1))
+                await send.send(line("ok.vn", "2026-01-05", 2))  # the 4th is closed, and compressed
+                while True:
+                    if compressing.is_set():
+                        break
+                    await trio.sleep(0.05)
+                await send.send(line("ok.vn", "2026-01-05", 3))
+                while True:
+                    if (directory / "2026-01-05.log").exists() and all_lines(directory, "2026-01-05") == [2, 3]:
+                        break
+                    await trio.sleep(0.05)
+                written_while_compressing = not may_finish.is_set()
+                may_finish.set()
+                while True:
+                    if not (directory / "2026-01-04.log").exists():
+                        break
+                    await trio.sleep(0.05)
+                send.close()
+    finally:
+        may_finish.set()
+    assert written_while_compressing
+    assert [f.path.name for f in log_files(directory)] == ["2026-01-04.log.gz", "2026-01-05.log"]
+    assert all_lines(directory, "2026-01-04") == [1]
+
+
+async def test_a_day_that_ended_while_the_service_was_stopped_is_compressed_at_the_next_start(tmp_path: Path):
+    yesterday = (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
+    files = DomainLogFiles(tmp_path, LoggingConfig())
+    files.write([line("ok.vn", yesterday, 1)], routed=ROUTED)
+    files.close()  # stopped yesterday, started again today
+    send, receive = trio.open_memory_channel[DomainLogLine](10)
+    files = DomainLogFiles(tmp_path, LoggingConfig())
+    writer = LogWriter(receive, files, DomainLogRouter(), open_routes({"ok.vn": ()}))
+    directory = tmp_path / "ok_vn"
+    with trio.fail_after(10):  # a guard: before, it was never compressed
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            while True:
+                if not (directory / f"{yesterday}.log").exists():
+                    break
+                await trio.sleep(0.05)
+            send.close()
+    assert [f.path.name for f in log_files(directory)] == [f"{yesterday}.log.gz"]
+    assert all_lines(directory, yesterday) == [1]
