@@ -18,13 +18,14 @@ from trio_util import AsyncValue
 from actors.forwarder import EndpointConnections, Forwarder
 from actors.stats import ForwardOutcome
 from pipeline.config import Config
-from pipeline.events import AcceptedEvent
+from pipeline.events import AcceptedEvent, consumer_name
 from pipeline.nats_bridge import (
     IDLE_FETCH_SECONDS,
     ConsumeFailure,
     Delivery,
     FromIngress,
     JetStream,
+    NatsUnavailable,
     PublishReceipt,
     PullConsumer,
     keep_consuming,
@@ -366,6 +367,24 @@ class Subscriber:
             if self._domains.get(domain) is state:
                 del self._domains[domain]
                 self._unconsumable.pop(domain, None)
+        if retire.is_set() and not self._stopping.is_set():
+            await self._delete_consumer_when_idle(domain)
+
+    async def _delete_consumer_when_idle(self, domain: str) -> None:
+        """Its route gone, the domain's consumer is deleted as an idle one is: after
+        ``nats.consumer_idle_seconds`` (its last acks have landed by then), if drained. Unless the
+        route came back (its own task has the consumer) or the service stops first. Left on the
+        server, the consumers of removed routes would count against the stream's consumer limit."""
+        with trio.move_on_after(self._config.nats.consumer_idle_seconds):
+            await self._stopping.wait()
+            return
+        if domain in self._routes.value:
+            return
+        try:
+            if await self._jetstream.delete_consumer_if_drained(self._config.nats.stream_name, consumer_name(domain)):
+                log.info("Consumer of a removed route deleted", domain=domain)
+        except NatsUnavailable as error:
+            log.warning("Cannot delete the consumer of a removed route", domain=domain, error=str(error))
 
     async def _consume(self, domain: str, state: _Domain, retire: trio.Event) -> None:
         """Run the domain's forwarder and feed it, from the ingress while it can and from the

@@ -330,32 +330,9 @@ class PullConsumer:
         request = b'{"batch":%d,"expires":%d}' % (batch, expires * 1e9)
         await self._link.publish([Request(self._next_subject, request)], reply_to=self._inbox)
 
-    async def drained(self) -> bool:
-        """Whether nothing waits for this consumer and nothing it delivered is unacknowledged."""
-
-        async def read() -> bool:
-            info = await self._js._context.consumer_info(self._stream, self.name)
-            return not info.num_pending and not info.num_ack_pending
-
-        try:
-            return await aio_as_trio(read)()
-        except _NATS_ERRORS as error:
-            raise NatsUnavailable(f"cannot read consumer {self.name}: {error or type(error).__name__}") from error
-
     async def delete_if_drained(self) -> bool:
-        """Delete the durable consumer if it is drained; whether it was.
-
-        One that holds unacknowledged events is kept: a new consumer would
-        count their deliveries from one again, past max_deliveries.
-        """
-        async with self._js._consumer_requests:
-            if not await self.drained():
-                return False
-            try:
-                await aio_as_trio(self._js._context.delete_consumer)(self._stream, self.name)
-            except _NATS_ERRORS as error:
-                raise NatsUnavailable(f"cannot delete consumer {self.name}: {error or type(error).__name__}") from error
-        return True
+        """Delete the durable consumer if it is drained; whether it was (``JetStream.delete_consumer_if_drained``)."""
+        return await self._js.delete_consumer_if_drained(self._stream, self.name)
 
     async def close(self) -> None:
         """Stop listening (the durable consumer stays on the server)."""
@@ -966,6 +943,30 @@ class JetStream:
             return True  # already gone
         log.warning("Cannot delete an event", stream_sequence=sequence, error=error.get("description"))
         return False
+
+    async def delete_consumer_if_drained(self, stream: str, name: str) -> bool:
+        """Delete the durable consumer ``name`` if nothing waits for it and nothing it delivered
+        is unacknowledged; whether it was deleted (False also when there is none).
+
+        One that holds unacknowledged events is kept: a new consumer would
+        count their deliveries from one again, past max_deliveries.
+        """
+
+        async def delete() -> bool:
+            try:
+                info = await self._context.consumer_info(stream, name)
+            except nats.js.errors.NotFoundError:
+                return False
+            if info.num_pending or info.num_ack_pending:
+                return False
+            await self._context.delete_consumer(stream, name)
+            return True
+
+        async with self._consumer_requests:
+            try:
+                return await aio_as_trio(delete)()
+            except _NATS_ERRORS as error:
+                raise NatsUnavailable(f"cannot delete consumer {name}: {error or type(error).__name__}") from error
 
     async def open_consumer(self, domain: str, max_in_flight: int) -> PullConsumer:
         """Create or update ``domain``'s durable pull consumer and subscribe to it."""

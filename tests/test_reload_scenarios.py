@@ -13,6 +13,7 @@ from trio_util import AsyncValue
 
 from actors.config_watcher import ConfigWatcher
 from pipeline.config import load_config
+from pipeline.events import consumer_name
 from tests.conftest import StartBackend
 from tests.harness import (
     NatsServer,
@@ -26,6 +27,7 @@ from tests.harness import (
 # The watcher applies a change within two of its 0.25 s polls; this bound only
 # keeps a broken watcher from hanging the suite.
 RELOAD_BOUND = 5
+STREAM = "test-signals"  # tests.harness's config
 
 
 async def _routes(service: RunningService) -> dict[str, list[str]]:
@@ -86,6 +88,32 @@ async def test_removing_a_domain_keeps_its_events_in_the_stream_until_it_returns
             write_config(path, nats_server.url, {"gone.vn": [backend.url]})
             await backend.wait_count(2)
     assert [b["call_id"] for b in backend.bodies()] == ["before", "while-away"]
+
+
+async def test_the_drained_consumer_of_a_removed_domain_is_deleted_as_an_idle_one_is(
+    nats_server: NatsServer, start_backend: StartBackend, tmp_path: Path
+):
+    # Regression: a domain's durable consumer stayed on the server for good once its route went
+    # (only the idle path deletes one, and a retired domain no longer ran it). Over months of
+    # rotating tenants they fill the stream's consumer limit, and new domains go unconsumed.
+    flaky = await start_backend(lambda number, body: 500 if number == 1 else 200)
+    path = tmp_path / "config.yaml"
+    nats = {"consumer_idle_seconds": 3.0}
+    write_config(path, nats_server.url, {"leaving.vn": [flaky.url]}, nats=nats)
+    consumer = consumer_name("leaving.vn")
+    with trio.fail_after(30):  # a guard: before, the consumer stayed for as long as the server ran
+        async with running_service(load_config(path), config_path=path) as service:
+            await service.post_event(call_event("leaving.vn", "last"))
+            await flaky.wait_count(2)  # the redelivery came through the domain's consumer, and was acked
+            write_config(path, nats_server.url, {}, nats=nats)
+            await _wait_routes(service, {})
+            at_removal = set(await nats_server.consumers(STREAM))
+            while True:
+                if consumer not in await nats_server.consumers(STREAM):
+                    break
+                await trio.sleep(0.05)
+    assert consumer in at_removal  # not yet idle when its route went
+    assert flaky.attempts_of("last") == [1, 2]
 
 
 async def test_a_redelivery_goes_to_the_endpoint_configured_now(
