@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import threading
+from collections.abc import Callable, Collection, Container
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -242,21 +244,42 @@ async def test_lines_waiting_for_the_disk_are_bounded_in_bytes_not_only_in_lines
     assert len((tmp_path / "ok_vn" / "2026-01-04.log").read_bytes().splitlines()) == 2
 
 
+class ObservedFiles(DomainLogFiles):
+    """The real files, saying on the trio thread each time a write or a housekeeping call has ended."""
+
+    def __init__(self, root: Path, config: LoggingConfig) -> None:
+        super().__init__(root, config)
+        self._ended_send, self._ended = trio.open_memory_channel[None](math.inf)
+
+    def write(self, lines: list[DomainLogLine], routed: Container[str]) -> None:
+        super().write(lines, routed)
+        trio.from_thread.run_sync(self._ended_send.send_nowait, None)
+
+    def housekeep(self, names: Collection[str] | None, stop: threading.Event) -> None:
+        super().housekeep(names, stop)
+        trio.from_thread.run_sync(self._ended_send.send_nowait, None)
+
+    async def until(self, holds: Callable[[], bool]) -> None:
+        """Until ``holds()``: looked at again after each write and each housekeeping call."""
+        while not holds():
+            await self._ended.receive()
+
+
 async def test_lines_are_written_while_a_closed_day_is_compressed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # Regression: the writer's own thread compressed each file it closed (a day's 500 MB takes tens
     # of seconds, and at midnight every domain's closes at once); the lines waited meanwhile, and
     # beyond the queue's bounds they were dropped.
-    compressing, may_finish = threading.Event(), threading.Event()
+    compressing, may_finish = trio.Event(), threading.Event()
     compress = log_writer._compress
 
     def held_compress(path: Path, *args) -> None:
-        compressing.set()
+        trio.from_thread.run_sync(compressing.set)
         may_finish.wait(15)  # bounded: a writer stuck here (the bug) must not hang the test
         compress(path, *args)
 
     monkeypatch.setattr(log_writer, "_compress", held_compress)
     send, receive = trio.open_memory_channel[DomainLogLine](100)
-    files = DomainLogFiles(tmp_path, LoggingConfig())
+    files = ObservedFiles(tmp_path, LoggingConfig())
     writer = LogWriter(receive, files, DomainLogRouter(), open_routes({"ok.vn": ()}))
     directory = tmp_path / "ok_vn"
     try:
@@ -265,21 +288,12 @@ async def test_lines_are_written_while_a_closed_day_is_compressed(tmp_path: Path
                 nursery.start_soon(writer.run)
                 await send.send(line("ok.vn", "2026-01-04", 1))
                 await send.send(line("ok.vn", "2026-01-05", 2))  # the 4th is closed, and compressed
-                while True:
-                    if compressing.is_set():
-                        break
-                    await trio.sleep(0.05)
+                await compressing.wait()
                 await send.send(line("ok.vn", "2026-01-05", 3))
-                while True:
-                    if (directory / "2026-01-05.log").exists() and all_lines(directory, "2026-01-05") == [2, 3]:
-                        break
-                    await trio.sleep(0.05)
+                await files.until(lambda: all_lines(directory, "2026-01-05") == [2, 3])
                 written_while_compressing = not may_finish.is_set()
                 may_finish.set()
-                while True:
-                    if not (directory / "2026-01-04.log").exists():
-                        break
-                    await trio.sleep(0.05)
+                await files.until(lambda: not (directory / "2026-01-04.log").exists())
                 send.close()
     finally:
         may_finish.set()
@@ -294,16 +308,13 @@ async def test_a_day_that_ended_while_the_service_was_stopped_is_compressed_at_t
     files.write([line("ok.vn", yesterday, 1)], routed=ROUTED)
     files.close()  # stopped yesterday, started again today
     send, receive = trio.open_memory_channel[DomainLogLine](10)
-    files = DomainLogFiles(tmp_path, LoggingConfig())
-    writer = LogWriter(receive, files, DomainLogRouter(), open_routes({"ok.vn": ()}))
+    restarted = ObservedFiles(tmp_path, LoggingConfig())
+    writer = LogWriter(receive, restarted, DomainLogRouter(), open_routes({"ok.vn": ()}))
     directory = tmp_path / "ok_vn"
     with trio.fail_after(10):  # a guard: before, it was never compressed
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer.run)
-            while True:
-                if not (directory / f"{yesterday}.log").exists():
-                    break
-                await trio.sleep(0.05)
+            await restarted.until(lambda: not (directory / f"{yesterday}.log").exists())
             send.close()
     assert [f.path.name for f in log_files(directory)] == [f"{yesterday}.log.gz"]
     assert all_lines(directory, yesterday) == [1]
