@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -37,8 +39,13 @@ async def test_server_outlives_trios_idle_worker_threads(tmp_path: Path, nursery
     # server got SIGTERM as soon as that thread retired, 10 s after start.
     url = await nursery.start(EmbeddedNats(tmp_path).run)
     pid = int((tmp_path / "nats-server.pid").read_text())
-    await trio.to_thread.run_sync(lambda: None)  # give trio an idle worker thread to retire
-    await trio.sleep(TRIO_THREAD_IDLE_SECONDS + 1.5)  # the scenario is the idle period itself
+    worker = await trio.to_thread.run_sync(threading.current_thread)  # an idle worker thread for trio to retire
+    retired = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+    # Joined from a thread of our own: a trio worker asked to join it would be that idle thread itself.
+    threading.Thread(target=lambda: (worker.join(), token.run_sync_soon(retired.set)), daemon=True).start()
+    with trio.fail_after(TRIO_THREAD_IDLE_SECONDS + 20):
+        await retired.wait()
     assert await _answers(url)
     # The same server, not one restarted after it was stopped.
     assert int((tmp_path / "nats-server.pid").read_text()) == pid
@@ -185,27 +192,32 @@ async def test_a_restart_that_fails_is_tried_again_and_the_server_comes_back_on_
     # Regression: the server died, and its restart found the port taken meanwhile (any outgoing
     # connection of the host may get it as its source port): EmbeddedNatsError ended the service.
     monkeypatch.setattr(pipeline.embedded_nats, "RESTART_DELAY_SECONDS", 2.0)  # time to take the port
-    with structlog.testing.capture_logs() as records, trio.fail_after(60):
+    said_send, said = trio.open_memory_channel[str](math.inf)
+
+    def tell(logger: object, method_name: str, record: dict) -> dict:
+        said_send.send_nowait(record["event"])
+        return record
+
+    async def until_said(message: str) -> None:
+        while await said.receive() != message:
+            pass
+
+    with structlog.testing.capture_logs(processors=[tell]) as records, trio.fail_after(60):
         url = await nursery.start(EmbeddedNats(tmp_path).run)
         port = int(url.rpartition(":")[2])
-        os.kill(int((tmp_path / "nats-server.pid").read_text()), signal.SIGKILL)
+        pidfd = os.pidfd_open(int((tmp_path / "nats-server.pid").read_text()))
+        try:
+            os.kill(int((tmp_path / "nats-server.pid").read_text()), signal.SIGKILL)
+            await trio.lowlevel.wait_readable(pidfd)  # gone, and its port with it
+        finally:
+            os.close(pidfd)
         with socket.socket() as holder:
             holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            while True:  # free once the killed server is gone
-                try:
-                    holder.bind(("127.0.0.1", port))
-                    break
-                except OSError:
-                    await trio.sleep(0.01)
+            holder.bind(("127.0.0.1", port))
             holder.listen()
-            while True:
-                if any(r["event"] == "Embedded nats-server did not start again; retrying" for r in records):
-                    break
-                await trio.sleep(0.05)
-        while True:  # the port free again: the next try takes it
-            if await _answers(url):
-                break
-            await trio.sleep(0.05)
+            await until_said("Embedded nats-server did not start again; retrying")
+        await until_said("Embedded nats-server ready")  # the port free again: the next try took it
+        answers = await _answers(url)
     messages = [r["event"] for r in records if r["log_level"] != "debug"]
     assert messages == [
         "Embedded nats-server ready",
@@ -213,3 +225,4 @@ async def test_a_restart_that_fails_is_tried_again_and_the_server_comes_back_on_
         "Embedded nats-server did not start again; retrying",
         "Embedded nats-server ready",
     ]
+    assert answers
