@@ -101,18 +101,25 @@ async def test_the_drained_consumer_of_a_removed_domain_is_deleted_as_an_idle_on
     nats = {"consumer_idle_seconds": 3.0}
     write_config(path, nats_server.url, {"leaving.vn": [flaky.url]}, nats=nats)
     consumer = consumer_name("leaving.vn")
-    with trio.fail_after(30):  # a guard: before, the consumer stayed for as long as the server ran
+    deleted = trio.Event()
+
+    def tell(logger: object, method_name: str, record: dict) -> dict:
+        if record["event"] == "Consumer of a removed route deleted":
+            deleted.set()
+        return record
+
+    # A guard: before, the consumer stayed for as long as the server ran.
+    with trio.fail_after(30), capture_logs(processors=[tell]):
         async with running_service(load_config(path), config_path=path) as service:
             await service.post_event(call_event("leaving.vn", "last"))
             await flaky.wait_count(2)  # the redelivery came through the domain's consumer, and was acked
             write_config(path, nats_server.url, {}, nats=nats)
             await _wait_routes(service, {})
             at_removal = set(await nats_server.consumers(STREAM))
-            while True:
-                if consumer not in await nats_server.consumers(STREAM):
-                    break
-                await trio.sleep(0.05)
+            await deleted.wait()
+            after = set(await nats_server.consumers(STREAM))
     assert consumer in at_removal  # not yet idle when its route went
+    assert consumer not in after
     assert flaky.attempts_of("last") == [1, 2]
 
 
